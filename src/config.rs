@@ -1,0 +1,239 @@
+//! Configuration files of the controller and the agent (TOML).
+//!
+//! Each struct has a `validate()` that runs at startup and names the
+//! offending field and value, so a malformed file stops the process before
+//! it touches any state.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is malformed: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {field} = {value:?} is invalid: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+/// One member of a zone's initial Raft membership.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub id: u64,
+    /// gRPC address of the replica, `host:port`.
+    pub addr: String,
+}
+
+/// Raft timing and log retention.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    /// Leader heartbeat period. Default "100ms".
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Lower bound of the randomized election timeout. Default "600ms".
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_min: Duration,
+    /// Upper bound of the randomized election timeout. Default "1200ms".
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_max: Duration,
+    /// Build a snapshot after this many entries since the last one. Default 10000.
+    pub snapshot_after_entries: u64,
+    /// Entries kept in the log behind the last snapshot. Default 1000.
+    pub keep_entries_after_snapshot: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        RaftTuning {
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(600),
+            election_timeout_max: Duration::from_millis(1200),
+            snapshot_after_entries: 10_000,
+            keep_entries_after_snapshot: 1_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// Zone name, used in logs and checked against agents' registrations.
+    pub zone: String,
+    /// This replica's Raft node id; unique in the zone, never reused.
+    pub node_id: u64,
+    /// Address the gRPC server (public API and Raft transport) listens on.
+    pub listen: SocketAddr,
+    /// Address other replicas and clients use to reach `listen`. Default: `listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Address of the HTTP server for `/metrics` and `/readyz`.
+    pub metrics_listen: SocketAddr,
+    /// Directory of the RocksDB database and snapshot files.
+    pub data_dir: PathBuf,
+    /// The zone's first members. A replica listed here initializes the zone
+    /// on first start; a replica added later with `ccs zone add-replica`
+    /// leaves this empty.
+    #[serde(default)]
+    pub bootstrap: Vec<Member>,
+    #[serde(default)]
+    pub raft: RaftTuning,
+    /// A host whose agent is silent this long is marked suspect. Default "5s".
+    #[serde(default = "default_host_timeout", with = "humantime_serde")]
+    pub host_timeout: Duration,
+    /// Log as JSON lines instead of text. Default false.
+    #[serde(default)]
+    pub log_json: bool,
+}
+
+fn default_host_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub zone: String,
+    /// The host's id in the zone; stable across agent restarts.
+    pub host_id: String,
+    /// The pod the host belongs to; it must exist in the zone.
+    pub pod: String,
+    /// Address the agent's gRPC server listens on.
+    pub listen: SocketAddr,
+    /// Address the zone leader uses to reach `listen`. Default: `listen`.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    pub metrics_listen: SocketAddr,
+    /// libvirt connection URI: `qemu:///system` on a real host,
+    /// `test:///path/to/host.xml` for the test driver.
+    pub libvirt_uri: String,
+    /// Local disk available to instances, in GiB.
+    pub disk_gib: u64,
+    /// Directory for the agent's fencing state.
+    pub data_dir: PathBuf,
+    /// Controller replicas, `host:port`, tried in turn.
+    pub controllers: Vec<String>,
+    /// Heartbeat period. Default "1s".
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    #[serde(default)]
+    pub log_json: bool,
+}
+
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// Reads and parses a TOML config file.
+pub fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+struct Check<'a> {
+    path: &'a Path,
+}
+
+impl Check<'_> {
+    fn require(&self, ok: bool, field: &'static str, value: impl ToString, reason: &'static str) -> Result<(), ConfigError> {
+        if ok {
+            return Ok(());
+        }
+        Err(ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            field,
+            value: value.to_string(),
+            reason,
+        })
+    }
+}
+
+impl ControllerConfig {
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let check = Check { path };
+        check.require(!self.zone.is_empty(), "zone", &self.zone, "must not be empty")?;
+        check.require(self.node_id > 0, "node_id", self.node_id, "must be at least 1")?;
+        let raft = &self.raft;
+        check.require(
+            raft.election_timeout_min > raft.heartbeat_interval * 2,
+            "raft.election_timeout_min",
+            humantime::format_duration(raft.election_timeout_min),
+            "must exceed twice raft.heartbeat_interval",
+        )?;
+        check.require(
+            raft.election_timeout_max > raft.election_timeout_min,
+            "raft.election_timeout_max",
+            humantime::format_duration(raft.election_timeout_max),
+            "must exceed raft.election_timeout_min",
+        )?;
+        check.require(
+            raft.snapshot_after_entries > 0,
+            "raft.snapshot_after_entries",
+            raft.snapshot_after_entries,
+            "must be at least 1",
+        )?;
+        if !self.bootstrap.is_empty() {
+            let listed = self.bootstrap.iter().any(|m| m.id == self.node_id);
+            check.require(listed, "bootstrap", self.node_id, "must list this replica's node_id")?;
+            let mut ids: Vec<u64> = self.bootstrap.iter().map(|m| m.id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            check.require(
+                ids.len() == self.bootstrap.len(),
+                "bootstrap",
+                format!("{ids:?}"),
+                "lists a node id twice",
+            )?;
+        }
+        Ok(())
+    }
+
+    pub fn advertise_addr(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+}
+
+impl AgentConfig {
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let check = Check { path };
+        check.require(!self.zone.is_empty(), "zone", &self.zone, "must not be empty")?;
+        check.require(!self.host_id.is_empty(), "host_id", &self.host_id, "must not be empty")?;
+        check.require(!self.pod.is_empty(), "pod", &self.pod, "must not be empty")?;
+        check.require(
+            !self.controllers.is_empty(),
+            "controllers",
+            "[]",
+            "must list at least one controller",
+        )?;
+        check.require(
+            !self.libvirt_uri.is_empty(),
+            "libvirt_uri",
+            &self.libvirt_uri,
+            "must not be empty",
+        )?;
+        Ok(())
+    }
+
+    pub fn advertise_addr(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+}

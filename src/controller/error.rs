@@ -1,0 +1,126 @@
+//! Errors of the zone API and their one mapping to gRPC statuses.
+//!
+//! Every status carries a machine-readable reason in the `ccs-reason`
+//! metadata key; clients branch on it, never on the message text.
+//!
+//! | reason            | gRPC code           | the write may have happened |
+//! |-------------------|---------------------|-----------------------------|
+//! | INVALID_ARGUMENT  | INVALID_ARGUMENT    | no                          |
+//! | POD_NOT_FOUND, HOST_NOT_FOUND, INSTANCE_NOT_FOUND | NOT_FOUND | no       |
+//! | NAME_TAKEN, POD_EXISTS | ALREADY_EXISTS | no                          |
+//! | NO_CAPACITY       | RESOURCE_EXHAUSTED  | no                          |
+//! | CONFLICT          | ABORTED             | no                          |
+//! | NOT_LEADER        | UNAVAILABLE         | no (refused before proposing; `ccs-leader` names the leader) |
+//! | NO_LEADER         | UNAVAILABLE         | no                          |
+//! | HOST_UNREACHABLE  | UNAVAILABLE         | no (reads only)             |
+//! | LEADER_CHANGED    | UNAVAILABLE         | yes                         |
+//! | TIMEOUT           | DEADLINE_EXCEEDED   | yes                         |
+//! | INTERNAL          | INTERNAL            | yes                         |
+//!
+//! A create retried with the same request id after a "yes" status returns
+//! the first result instead of creating a second instance.
+
+use tonic::metadata::MetadataValue;
+
+use crate::client::{LEADER_KEY, REASON_KEY};
+use crate::zone::command::Rejection;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{field} {value:?} is invalid: {reason}")]
+    InvalidArgument {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    #[error("no host in {scope} has room for {vcpus} vCPUs, {memory_mib} MiB memory and {disk_gib} GiB disk")]
+    NoCapacity {
+        scope: String,
+        vcpus: u32,
+        memory_mib: u64,
+        disk_gib: u64,
+    },
+    #[error("this replica is not the leader; retry on the leader{}", leader_suffix(.leader))]
+    NotLeader { leader: Option<String> },
+    #[error("the zone has no leader (no quorum); retry later")]
+    NoLeader,
+    #[error("host {host:?} agent at {endpoint} is unreachable: {message}")]
+    HostUnreachable {
+        host: String,
+        endpoint: String,
+        message: String,
+    },
+    #[error("leadership changed while the write was in flight; it may have been applied, so retry with the same request id")]
+    LeaderChanged,
+    #[error("the write was not committed within {0:?}; it may still be applied, so retry with the same request id")]
+    Timeout(std::time::Duration),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn leader_suffix(leader: &Option<String>) -> String {
+    match leader {
+        Some(addr) => format!(" at {addr}"),
+        None => String::new(),
+    }
+}
+
+impl ApiError {
+    pub fn invalid(field: &'static str, value: impl ToString, reason: impl ToString) -> ApiError {
+        ApiError::InvalidArgument {
+            field,
+            value: value.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn code_and_reason(&self) -> (tonic::Code, &'static str) {
+        use tonic::Code;
+        match self {
+            ApiError::InvalidArgument { .. } => (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            ApiError::Rejected(rejection) => rejection_code(rejection),
+            ApiError::NoCapacity { .. } => (Code::ResourceExhausted, "NO_CAPACITY"),
+            ApiError::NotLeader { .. } => (Code::Unavailable, "NOT_LEADER"),
+            ApiError::NoLeader => (Code::Unavailable, "NO_LEADER"),
+            ApiError::HostUnreachable { .. } => (Code::Unavailable, "HOST_UNREACHABLE"),
+            ApiError::LeaderChanged => (Code::Unavailable, "LEADER_CHANGED"),
+            ApiError::Timeout(_) => (Code::DeadlineExceeded, "TIMEOUT"),
+            ApiError::Internal(_) => (Code::Internal, "INTERNAL"),
+        }
+    }
+}
+
+fn rejection_code(rejection: &Rejection) -> (tonic::Code, &'static str) {
+    use tonic::Code;
+    match rejection {
+        Rejection::PodExists(_) => (Code::AlreadyExists, "POD_EXISTS"),
+        Rejection::NameTaken(_) | Rejection::IdTaken(_) => (Code::AlreadyExists, "NAME_TAKEN"),
+        Rejection::UnknownPod(_) => (Code::NotFound, "POD_NOT_FOUND"),
+        Rejection::UnknownHost(_) => (Code::NotFound, "HOST_NOT_FOUND"),
+        Rejection::UnknownInstance(_) => (Code::NotFound, "INSTANCE_NOT_FOUND"),
+        Rejection::HostFull { .. } | Rejection::HostNotUp(_) => (Code::Aborted, "CONFLICT"),
+        Rejection::HostPodMismatch { .. } => (Code::FailedPrecondition, "HOST_POD_MISMATCH"),
+        Rejection::UnknownOrder(_)
+        | Rejection::OrderClosed(_)
+        | Rejection::OrderOpen { .. }
+        | Rejection::StaleGeneration { .. } => (Code::Aborted, "CONFLICT"),
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(error: ApiError) -> tonic::Status {
+        let (code, reason) = error.code_and_reason();
+        let mut status = tonic::Status::new(code, error.to_string());
+        status
+            .metadata_mut()
+            .insert(REASON_KEY, MetadataValue::from_static(reason));
+        if let ApiError::NotLeader { leader: Some(addr) } = &error {
+            if let Ok(value) = MetadataValue::try_from(addr.as_str()) {
+                status.metadata_mut().insert(LEADER_KEY, value);
+            }
+        }
+        status
+    }
+}

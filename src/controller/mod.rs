@@ -1,0 +1,168 @@
+//! One controller replica: opens its RocksDB store, runs its openraft node,
+//! serves the zone API and the Raft transport on one gRPC port, and runs
+//! the reconciler while it leads.
+
+pub mod error;
+pub mod node;
+pub mod ops;
+pub mod reconciler;
+pub mod service;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
+
+use crate::config::{self, ControllerConfig};
+use crate::proto::raft::raft_transport_server::RaftTransportServer;
+use crate::proto::zone::zone_server::ZoneServer;
+use crate::raft::network::{Network, TransportService};
+use crate::raft::types::Raft;
+use crate::store::{db, log_store::LogStore, state_machine::StateMachine};
+use crate::zone::model::LeaderStamp;
+
+use node::Node;
+use ops::Zone;
+
+fn raft_config(config: &ControllerConfig) -> anyhow::Result<openraft::Config> {
+    let tuning = &config.raft;
+    let raft = openraft::Config {
+        cluster_name: config.zone.clone(),
+        heartbeat_interval: tuning.heartbeat_interval.as_millis() as u64,
+        election_timeout_min: tuning.election_timeout_min.as_millis() as u64,
+        election_timeout_max: tuning.election_timeout_max.as_millis() as u64,
+        install_snapshot_timeout: 10_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_after_entries),
+        max_in_snapshot_log_to_keep: tuning.keep_entries_after_snapshot,
+        snapshot_max_chunk_size: 1024 * 1024,
+        ..Default::default()
+    };
+    Ok(raft.validate()?)
+}
+
+/// Opens the replica's storage and starts its Raft node.
+pub async fn open_node(config: ControllerConfig) -> anyhow::Result<(Arc<Node>, StateMachine)> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let database = db::open(&config.data_dir.join("db"))
+        .with_context(|| format!("opening RocksDB under {}", config.data_dir.display()))?;
+    let log_store = LogStore::new(database.clone());
+    let state_machine = StateMachine::open(database.clone(), &config.data_dir.join("snapshots"))?;
+    let raft = Raft::new(
+        config.node_id,
+        Arc::new(raft_config(&config)?),
+        Network,
+        log_store,
+        state_machine.clone(),
+    )
+    .await?;
+    if !config.bootstrap.is_empty() && !raft.is_initialized().await? {
+        let members: BTreeMap<u64, BasicNode> = config
+            .bootstrap
+            .iter()
+            .map(|m| (m.id, BasicNode { addr: m.addr.clone() }))
+            .collect();
+        tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "initializing zone");
+        if let Err(e) = raft.initialize(members).await {
+            // Another bootstrap member may have initialized the zone first.
+            tracing::info!(error = %e, "zone initialization skipped");
+        }
+    }
+    let node = Node {
+        id: config.node_id,
+        zone: config.zone.clone(),
+        addr: config.advertise_addr(),
+        raft,
+        db: database,
+        config,
+    };
+    Ok((Arc::new(node), state_machine))
+}
+
+/// Runs a controller replica from its config file until SIGINT or SIGTERM.
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config: ControllerConfig = config::load(config_path)?;
+    config.validate(config_path)?;
+    crate::telemetry::init_tracing(config.log_json);
+    let span = tracing::info_span!("controller", zone = %config.zone, node_id = config.node_id);
+    let _entered = span.enter();
+
+    let listen = config.listen;
+    let metrics_listen = config.metrics_listen;
+    let (node, state_machine) = open_node(config).await?;
+    let zone = Arc::new(Zone::new(node.clone()));
+
+    let ready_node = node.clone();
+    let readiness: crate::telemetry::Readiness = Arc::new(move || match ready_node.leader() {
+        Some(_) => Ok(()),
+        None => Err("no known leader".to_string()),
+    });
+    tokio::spawn(async move {
+        if let Err(e) = crate::telemetry::serve_metrics(metrics_listen, readiness).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    tokio::spawn(lead_while_leader(zone.clone(), state_machine.subscribe_applied()));
+
+    let transport = RaftTransportServer::new(TransportService { raft: node.raft.clone() })
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let api = ZoneServer::new(service::ZoneService::new(zone.clone()));
+    tracing::info!(%listen, "serving zone API and raft transport");
+    tonic::transport::Server::builder()
+        .add_service(transport)
+        .add_service(api)
+        .serve_with_shutdown(listen, shutdown_signal())
+        .await?;
+    tracing::info!("shutting down");
+    node.raft.shutdown().await.ok();
+    Ok(())
+}
+
+/// Resolves at the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+/// Starts the reconciler each time this replica becomes leader and stops it
+/// when it steps down; also exports Raft state as metrics.
+async fn lead_while_leader(zone: Arc<Zone>, applied: tokio::sync::watch::Receiver<u64>) {
+    let mut metrics_rx = zone.node.raft.metrics();
+    let mut reconciler: Option<(tokio::task::JoinHandle<()>, LeaderStamp)> = None;
+    let mut last_leader = None;
+    loop {
+        let metrics = metrics_rx.borrow_and_update().clone();
+        metrics::gauge!("ccs_raft_term").set(metrics.current_term as f64);
+        metrics::gauge!("ccs_raft_last_log_index").set(metrics.last_log_index.unwrap_or(0) as f64);
+        metrics::gauge!("ccs_raft_commit_index").set(status::known_commit_index(&zone.node) as f64);
+        metrics::gauge!("ccs_raft_is_leader").set(f64::from(u8::from(metrics.state == ServerState::Leader)));
+        if metrics.current_leader != last_leader {
+            metrics::counter!("ccs_raft_leader_changes_total").increment(1);
+            tracing::info!(term = metrics.current_term, leader = ?metrics.current_leader, "leader changed");
+            last_leader = metrics.current_leader;
+        }
+        let stamp = zone.node.leader_stamp();
+        let running = reconciler.as_ref().map(|(_, running)| *running);
+        if running != stamp {
+            if let Some((task, _)) = reconciler.take() {
+                tracing::info!(term = metrics.current_term, "leadership changed; stopping reconciler");
+                task.abort();
+            }
+            if let Some(stamp) = stamp {
+                let task = reconciler::Reconciler::new(zone.clone(), stamp).run(applied.clone());
+                reconciler = Some((tokio::spawn(task), stamp));
+            }
+        }
+        if metrics_rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

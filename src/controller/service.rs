@@ -1,0 +1,364 @@
+//! The zone's public gRPC service. It converts between protobuf messages
+//! and zone records, serves calls the leader must serve by forwarding them
+//! once to the leader, and serves stale reads locally.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use openraft::{BasicNode, ChangeMembers};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use super::error::ApiError;
+use super::ops::{self, CreateInstance, Zone};
+use super::status;
+use crate::proto::agent::agent_client::AgentClient;
+use crate::proto::agent::ListDomainsRequest;
+use crate::proto::zone::zone_client::ZoneClient;
+use crate::proto::zone::zone_server;
+use crate::proto::zone::*;
+use crate::zone::command::Command;
+use crate::zone::model;
+
+/// Metadata key set on a forwarded call, so that it is forwarded at most once.
+const FORWARDED_KEY: &str = "ccs-forwarded";
+
+pub struct ZoneService {
+    pub zone: Arc<Zone>,
+    leader_clients: DashMap<String, ZoneClient<Channel>>,
+    agent_clients: DashMap<String, AgentClient<Channel>>,
+}
+
+impl ZoneService {
+    pub fn new(zone: Arc<Zone>) -> ZoneService {
+        ZoneService {
+            zone,
+            leader_clients: DashMap::new(),
+            agent_clients: DashMap::new(),
+        }
+    }
+
+    /// Sends a call this replica cannot serve to the leader, unless it was
+    /// already forwarded once.
+    async fn forward<Req, Resp, F, Fut>(&self, request: Request<Req>, call: F) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(ZoneClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let node = &self.zone.node;
+        let refused = node.not_leader();
+        let (forwarded, leader) = (request.metadata().contains_key(FORWARDED_KEY), node.leader());
+        let Some((leader_id, addr)) = leader else {
+            return Err(refused.into());
+        };
+        if forwarded || leader_id == node.id {
+            return Err(refused.into());
+        }
+        let client = match self.leader_clients.get(&addr) {
+            Some(client) => client.clone(),
+            None => {
+                let client = ZoneClient::new(crate::client::channel(&addr, Duration::from_secs(30))?);
+                self.leader_clients.insert(addr.clone(), client.clone());
+                client
+            }
+        };
+        let mut outgoing = Request::new(request.into_inner());
+        outgoing
+            .metadata_mut()
+            .insert(FORWARDED_KEY, tonic::metadata::MetadataValue::from_static("1"));
+        call(client, outgoing).await
+    }
+
+    fn read_info(&self, stale: bool) -> ReadInfo {
+        let node = &self.zone.node;
+        ReadInfo {
+            stale,
+            applied_index: node.applied_index(),
+            leader_commit_index: if stale { status::known_commit_index(node) } else { node.applied_index() },
+            serving_node_id: node.id,
+        }
+    }
+
+    fn agent_client(&self, endpoint: &str) -> Result<AgentClient<Channel>, Status> {
+        if let Some(client) = self.agent_clients.get(endpoint) {
+            return Ok(client.clone());
+        }
+        let client = AgentClient::new(crate::client::channel(endpoint, Duration::from_secs(10))?);
+        self.agent_clients.insert(endpoint.to_string(), client.clone());
+        Ok(client)
+    }
+}
+
+pub fn instance_message(instance: &model::Instance) -> Instance {
+    Instance {
+        id: instance.id.clone(),
+        name: instance.name.clone(),
+        vcpus: instance.vcpus,
+        memory_mib: instance.memory_mib,
+        disk_gib: instance.disk_gib,
+        pod: instance.pod.clone(),
+        host: instance.host.clone(),
+        desired_state: instance.desired.as_str().to_string(),
+        observed_state: instance.observed.as_str().to_string(),
+        generation: instance.generation,
+        created_index: instance.created_index,
+        request_id: instance.request_id.clone().unwrap_or_default(),
+        last_error: instance.last_error.clone().unwrap_or_default(),
+    }
+}
+
+fn host_message(host: &model::Host) -> Host {
+    Host {
+        id: host.id.clone(),
+        pod: host.pod.clone(),
+        libvirt_uri: host.libvirt_uri.clone(),
+        agent_endpoint: host.agent_endpoint.clone(),
+        cpus: host.cpus,
+        memory_mib: host.memory_mib,
+        disk_gib: host.disk_gib,
+        used_vcpus: host.used_vcpus,
+        used_memory_mib: host.used_memory_mib,
+        used_disk_gib: host.used_disk_gib,
+        health: host.health.as_str().to_string(),
+        instances: host.instances,
+    }
+}
+
+fn pod_message(pod: &model::Pod) -> Pod {
+    Pod {
+        name: pod.name.clone(),
+        cpu_ratio: pod.cpu_ratio,
+        memory_ratio: pod.memory_ratio,
+        placement: pod.placement.as_str().to_string(),
+    }
+}
+
+fn non_empty(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
+/// Serves a read: locally when stale, else on the leader after a read barrier.
+macro_rules! read {
+    ($self:ident, $request:ident, $stale:expr, $method:ident, $serve:expr) => {{
+        let stale = $stale;
+        if !stale {
+            if !$self.zone.node.is_leader() {
+                return $self
+                    .forward($request, |mut client, r| async move { client.$method(r).await })
+                    .await;
+            }
+            $self.zone.node.read_barrier().await?;
+        }
+        let serve = $serve;
+        Ok(Response::new(serve(stale)?))
+    }};
+}
+
+/// Serves a write on the leader, forwarding it there from a follower.
+macro_rules! write {
+    ($self:ident, $request:ident, $method:ident) => {
+        if !$self.zone.node.is_leader() {
+            return $self
+                .forward($request, |mut client, r| async move { client.$method(r).await })
+                .await;
+        }
+    };
+}
+
+#[tonic::async_trait]
+impl zone_server::Zone for ZoneService {
+    async fn create_instance(&self, request: Request<CreateInstanceRequest>) -> Result<Response<Instance>, Status> {
+        write!(self, request, create_instance);
+        let message = request.into_inner();
+        let create = CreateInstance {
+            name: message.name,
+            vcpus: message.vcpus,
+            memory_mib: message.memory_mib,
+            disk_gib: message.disk_gib,
+            pod: non_empty(message.pod),
+            request_id: non_empty(message.request_id),
+        };
+        let instance = self.zone.create_instance(create).await?;
+        Ok(Response::new(instance_message(&instance)))
+    }
+
+    async fn delete_instance(&self, request: Request<InstanceRef>) -> Result<Response<Instance>, Status> {
+        write!(self, request, delete_instance);
+        let instance = self.zone.delete_instance(&request.into_inner().name).await?;
+        Ok(Response::new(instance_message(&instance)))
+    }
+
+    async fn get_instance(&self, request: Request<GetInstanceRequest>) -> Result<Response<InstanceReply>, Status> {
+        let name = request.get_ref().name.clone();
+        read!(self, request, request.get_ref().stale, get_instance, |stale| {
+            let instance = self
+                .zone
+                .node
+                .instance(&name)?
+                .ok_or_else(|| ApiError::from(crate::zone::command::Rejection::UnknownInstance(name.clone())))?;
+            Ok::<_, ApiError>(InstanceReply {
+                instance: Some(instance_message(&instance)),
+                read: Some(self.read_info(stale)),
+            })
+        })
+    }
+
+    async fn list_instances(&self, request: Request<ReadRequest>) -> Result<Response<InstanceList>, Status> {
+        read!(self, request, request.get_ref().stale, list_instances, |stale| {
+            let instances = self.zone.node.instances()?;
+            Ok::<_, ApiError>(InstanceList {
+                instances: instances.iter().map(instance_message).collect(),
+                read: Some(self.read_info(stale)),
+            })
+        })
+    }
+
+    async fn create_pod(&self, request: Request<CreatePodRequest>) -> Result<Response<Pod>, Status> {
+        write!(self, request, create_pod);
+        let message = request.into_inner();
+        let placement = if message.placement.is_empty() { "pack".to_string() } else { message.placement };
+        let pod = model::Pod {
+            name: message.name,
+            cpu_ratio: if message.cpu_ratio == 0.0 { 1.0 } else { message.cpu_ratio },
+            memory_ratio: if message.memory_ratio == 0.0 { 1.0 } else { message.memory_ratio },
+            placement: ops::parse_placement(&placement)?,
+        };
+        let pod = self.zone.create_pod(pod).await?;
+        Ok(Response::new(pod_message(&pod)))
+    }
+
+    async fn list_pods(&self, request: Request<ReadRequest>) -> Result<Response<PodList>, Status> {
+        read!(self, request, request.get_ref().stale, list_pods, |stale| {
+            let pods = self.zone.node.pods()?;
+            Ok::<_, ApiError>(PodList {
+                pods: pods.values().map(pod_message).collect(),
+                read: Some(self.read_info(stale)),
+            })
+        })
+    }
+
+    async fn list_hosts(&self, request: Request<ReadRequest>) -> Result<Response<HostList>, Status> {
+        read!(self, request, request.get_ref().stale, list_hosts, |stale| {
+            let hosts = self.zone.node.hosts()?;
+            Ok::<_, ApiError>(HostList {
+                hosts: hosts.iter().map(host_message).collect(),
+                read: Some(self.read_info(stale)),
+            })
+        })
+    }
+
+    async fn host_domains(&self, request: Request<HostRef>) -> Result<Response<HostDomainsReply>, Status> {
+        let host_id = request.into_inner().host;
+        let host = self
+            .zone
+            .node
+            .host(&host_id)?
+            .ok_or_else(|| ApiError::from(crate::zone::command::Rejection::UnknownHost(host_id.clone())))?;
+        let mut client = self.agent_client(&host.agent_endpoint)?;
+        let reply = client.list_domains(ListDomainsRequest {}).await.map_err(|status| {
+            ApiError::HostUnreachable {
+                host: host.id.clone(),
+                endpoint: host.agent_endpoint.clone(),
+                message: status.message().to_string(),
+            }
+        })?;
+        let domains = reply
+            .into_inner()
+            .domains
+            .into_iter()
+            .map(|d| HostDomain {
+                uuid: d.uuid,
+                name: d.name,
+                state: d.state,
+                vcpus: d.vcpus,
+                memory_mib: d.memory_mib,
+            })
+            .collect();
+        Ok(Response::new(HostDomainsReply { host: host.id, domains }))
+    }
+
+    async fn zone_status(&self, request: Request<ZoneStatusRequest>) -> Result<Response<ZoneStatusReply>, Status> {
+        if !self.zone.node.is_leader() && self.zone.node.leader().is_some() {
+            let forwarded = self
+                .forward(request, |mut client, r| async move { client.zone_status(r).await })
+                .await;
+            if forwarded.is_ok() {
+                return forwarded;
+            }
+        }
+        Ok(Response::new(status::zone_status(&self.zone.node)))
+    }
+
+    async fn add_replica(&self, request: Request<AddReplicaRequest>) -> Result<Response<ZoneStatusReply>, Status> {
+        write!(self, request, add_replica);
+        let message = request.into_inner();
+        if message.node_id == 0 {
+            return Err(ApiError::invalid("node_id", 0, "must be at least 1").into());
+        }
+        if message.addr.parse::<std::net::SocketAddr>().is_err() && !message.addr.contains(':') {
+            return Err(ApiError::invalid("addr", &message.addr, "use host:port").into());
+        }
+        let raft = &self.zone.node.raft;
+        let node = BasicNode { addr: message.addr.clone() };
+        tracing::info!(node_id = message.node_id, addr = %message.addr, "adding replica as learner");
+        raft.add_learner(message.node_id, node, true)
+            .await
+            .map_err(|e| ApiError::Internal(format!("adding learner {} failed: {e}", message.node_id)))?;
+        tracing::info!(node_id = message.node_id, "promoting learner to voter");
+        let voters = std::collections::BTreeSet::from([message.node_id]);
+        raft.change_membership(ChangeMembers::AddVoterIds(voters), false)
+            .await
+            .map_err(|e| ApiError::Internal(format!("promoting {} failed: {e}", message.node_id)))?;
+        Ok(Response::new(status::zone_status(&self.zone.node)))
+    }
+
+    async fn remove_replica(&self, request: Request<RemoveReplicaRequest>) -> Result<Response<ZoneStatusReply>, Status> {
+        write!(self, request, remove_replica);
+        let node_id = request.into_inner().node_id;
+        let membership = self.zone.node.raft.metrics().borrow().membership_config.clone();
+        let voters: Vec<u64> = membership.membership().voter_ids().collect();
+        if !voters.contains(&node_id) {
+            return Err(ApiError::invalid("node_id", node_id, format!("is not a voter; voters are {voters:?}")).into());
+        }
+        if voters.len() <= 1 {
+            return Err(ApiError::invalid("node_id", node_id, "is the last voter").into());
+        }
+        tracing::info!(node_id, "removing replica");
+        let removed = std::collections::BTreeSet::from([node_id]);
+        self.zone
+            .node
+            .raft
+            .change_membership(ChangeMembers::RemoveVoters(removed), false)
+            .await
+            .map_err(|e| ApiError::Internal(format!("removing {node_id} failed: {e}")))?;
+        Ok(Response::new(status::zone_status(&self.zone.node)))
+    }
+
+    async fn register_host(&self, request: Request<RegisterHostRequest>) -> Result<Response<Host>, Status> {
+        write!(self, request, register_host);
+        let message = request.into_inner();
+        ops::validate_name("host_id", &message.host_id)?;
+        let command = Command::RegisterHost {
+            id: message.host_id,
+            pod: message.pod,
+            libvirt_uri: message.libvirt_uri,
+            agent_endpoint: message.agent_endpoint,
+            cpus: message.cpus,
+            memory_mib: message.memory_mib,
+            disk_gib: message.disk_gib,
+            boot_id: message.boot_id,
+        };
+        let host = self.zone.register_host(command).await?;
+        Ok(Response::new(host_message(&host)))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+        write!(self, request, heartbeat);
+        let message = request.into_inner();
+        let domains: Vec<String> = message.domains.into_iter().map(|d| d.uuid).collect();
+        self.zone.heartbeat(&message.host_id, &domains).await?;
+        Ok(Response::new(HeartbeatReply { leader_id: self.zone.node.id }))
+    }
+}

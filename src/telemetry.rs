@@ -1,0 +1,54 @@
+//! Logs and metrics shared by every ccs process: the tracing subscriber and
+//! the HTTP server that serves `/metrics` (Prometheus text format) and
+//! `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+/// Installs the global tracing subscriber: text or JSON lines on stderr,
+/// filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second call (as in tests that start several nodes) keeps the first subscriber.
+    let _ = if json {
+        builder.json().with_current_span(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// A check that answers whether the process can serve.
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Installs the Prometheus recorder and serves `/metrics` and `/readyz` on
+/// `addr` until the process exits.
+pub async fn serve_metrics(addr: SocketAddr, ready: Readiness) -> std::io::Result<()> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ])
+        .expect("bucket list is not empty")
+        .install_recorder()
+        .map_err(std::io::Error::other)?;
+    let app = axum::Router::new()
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route(
+            "/readyz",
+            get(move || {
+                let answer = match ready() {
+                    Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                    Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+                };
+                std::future::ready(answer)
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving metrics and readiness");
+    axum::serve(listener, app).await
+}

@@ -1,0 +1,134 @@
+//! Commands in the zone's Raft log and the results apply returns for them.
+//!
+//! New variants go at the end of `Command`: entries already in a log are
+//! decoded by position, so reordering would change their meaning.
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{
+    Host, Instance, JournalEntry, LeaderStamp, ObservedState, OrderAction, OrderOutcome, Pod,
+};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    CreatePod {
+        pod: Pod,
+    },
+    /// Adds a host, or refreshes a known host's endpoint and capacity.
+    RegisterHost {
+        id: String,
+        pod: String,
+        libvirt_uri: String,
+        agent_endpoint: String,
+        cpus: u32,
+        memory_mib: u64,
+        disk_gib: u64,
+        boot_id: u64,
+    },
+    SetHostHealth {
+        host_id: String,
+        up: bool,
+    },
+    /// Creates an instance already placed on `host` by the leader's scheduler.
+    CreateInstance {
+        id: String,
+        name: String,
+        vcpus: u32,
+        memory_mib: u64,
+        disk_gib: u64,
+        pod: String,
+        host: String,
+        request_id: Option<String>,
+    },
+    DeleteInstance {
+        id: String,
+    },
+    /// Records an order before the leader sends it to an agent.
+    OpenOrder {
+        instance_id: String,
+        action: OrderAction,
+        generation: u64,
+        leader: LeaderStamp,
+    },
+    /// Records an order's outcome.
+    CloseOrder {
+        order_id: u64,
+        outcome: OrderOutcome,
+    },
+    /// Records what a host reported about an instance outside any order.
+    ObserveInstance {
+        instance_id: String,
+        observed: ObservedState,
+    },
+}
+
+impl Command {
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::CreatePod { .. } => "create_pod",
+            Command::RegisterHost { .. } => "register_host",
+            Command::SetHostHealth { .. } => "set_host_health",
+            Command::CreateInstance { .. } => "create_instance",
+            Command::DeleteInstance { .. } => "delete_instance",
+            Command::OpenOrder { .. } => "open_order",
+            Command::CloseOrder { .. } => "close_order",
+            Command::ObserveInstance { .. } => "observe_instance",
+        }
+    }
+}
+
+/// Why apply turned a command down. Apply is deterministic, so every replica
+/// rejects the same command for the same reason.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("pod {0:?} already exists")]
+    PodExists(String),
+    #[error("pod {0:?} not found")]
+    UnknownPod(String),
+    #[error("host {0:?} not found")]
+    UnknownHost(String),
+    #[error("host {host:?} belongs to pod {pod:?}; a host cannot change pods")]
+    HostPodMismatch { host: String, pod: String },
+    #[error("instance {0:?} not found")]
+    UnknownInstance(String),
+    #[error("instance name {0:?} is already taken")]
+    NameTaken(String),
+    #[error("instance id {0:?} is already taken")]
+    IdTaken(String),
+    #[error("host {host:?} has no room for {vcpus} vCPUs, {memory_mib} MiB, {disk_gib} GiB")]
+    HostFull {
+        host: String,
+        vcpus: u32,
+        memory_mib: u64,
+        disk_gib: u64,
+    },
+    #[error("host {0:?} is not up")]
+    HostNotUp(String),
+    #[error("order {0} not found")]
+    UnknownOrder(u64),
+    #[error("order {0} is already closed")]
+    OrderClosed(u64),
+    #[error("instance {instance:?} already has open order {order}")]
+    OrderOpen { instance: String, order: u64 },
+    #[error("instance {instance:?} is at generation {current}, not {requested}")]
+    StaleGeneration {
+        instance: String,
+        current: u64,
+        requested: u64,
+    },
+}
+
+/// The value apply returns for one command.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CommandResult {
+    /// Membership changes and blank entries.
+    Empty,
+    Pod(Pod),
+    Host(Host),
+    Instance(Instance),
+    /// A create whose request id was applied before: the first instance.
+    Duplicate(Instance),
+    Order(JournalEntry),
+    Rejected(Rejection),
+}

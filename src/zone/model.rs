@@ -1,0 +1,220 @@
+//! Records of the zone state machine: pods, hosts, instances and the
+//! operation journal. These are plain data; the rules that change them live
+//! in `zone::apply`, and nothing here does I/O.
+
+use serde::{Deserialize, Serialize};
+
+/// How the scheduler chooses among hosts that fit a request in one pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Placement {
+    /// Fill the most used host first, keeping whole hosts free.
+    Pack,
+    /// Use the least used host first, spreading load and failure impact.
+    Spread,
+}
+
+impl Placement {
+    pub fn parse(text: &str) -> Option<Placement> {
+        match text {
+            "pack" => Some(Placement::Pack),
+            "spread" => Some(Placement::Spread),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Placement::Pack => "pack",
+            Placement::Spread => "spread",
+        }
+    }
+}
+
+/// A group of hosts that share oversubscription ratios and a placement policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pod {
+    pub name: String,
+    /// Schedulable vCPUs per physical CPU.
+    pub cpu_ratio: f64,
+    /// Schedulable memory per byte of physical memory.
+    pub memory_ratio: f64,
+    pub placement: Placement,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostHealth {
+    /// Heartbeats arrive on time.
+    Up,
+    /// Heartbeats stopped; the host may still run its domains.
+    Suspect,
+}
+
+impl HostHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostHealth::Up => "up",
+            HostHealth::Suspect => "suspect",
+        }
+    }
+}
+
+/// A hypervisor host, as registered by its agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Host {
+    pub id: String,
+    pub pod: String,
+    pub libvirt_uri: String,
+    /// gRPC address of the host's agent, `host:port`.
+    pub agent_endpoint: String,
+    /// Physical CPUs, from libvirt's node info.
+    pub cpus: u32,
+    /// Physical memory in MiB, from libvirt's node info.
+    pub memory_mib: u64,
+    /// Local disk in GiB, from the agent's configuration.
+    pub disk_gib: u64,
+    pub used_vcpus: u32,
+    pub used_memory_mib: u64,
+    pub used_disk_gib: u64,
+    pub instances: u32,
+    pub health: HostHealth,
+    /// Changes at every agent start; a new value means the host lost its domains.
+    pub boot_id: u64,
+}
+
+impl Host {
+    /// Schedulable vCPUs after the pod's oversubscription.
+    pub fn vcpu_limit(&self, pod: &Pod) -> u64 {
+        (f64::from(self.cpus) * pod.cpu_ratio).floor() as u64
+    }
+
+    /// Schedulable memory in MiB after the pod's oversubscription.
+    pub fn memory_limit_mib(&self, pod: &Pod) -> u64 {
+        (self.memory_mib as f64 * pod.memory_ratio).floor() as u64
+    }
+
+    /// Whether a request of this size fits beside what the host already holds.
+    pub fn fits(&self, pod: &Pod, vcpus: u32, memory_mib: u64, disk_gib: u64) -> bool {
+        u64::from(self.used_vcpus) + u64::from(vcpus) <= self.vcpu_limit(pod)
+            && self.used_memory_mib + memory_mib <= self.memory_limit_mib(pod)
+            && self.used_disk_gib + disk_gib <= self.disk_gib
+    }
+}
+
+/// The state an instance should be in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DesiredState {
+    Running,
+    /// Deleted by a client; the record goes once the domain is destroyed.
+    Deleted,
+}
+
+impl DesiredState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DesiredState::Running => "running",
+            DesiredState::Deleted => "deleted",
+        }
+    }
+}
+
+/// What the zone last learned about an instance's domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ObservedState {
+    /// Placed; no order has completed yet.
+    Pending,
+    Running,
+    Stopped,
+    /// The host no longer reports the domain (agent restart, or removed behind ccs's back).
+    Missing,
+    /// The last order failed; the reconciler retries it.
+    Failed,
+}
+
+impl ObservedState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObservedState::Pending => "pending",
+            ObservedState::Running => "running",
+            ObservedState::Stopped => "stopped",
+            ObservedState::Missing => "missing",
+            ObservedState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    /// UUID chosen by the leader; also the libvirt domain UUID.
+    pub id: String,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub pod: String,
+    pub host: String,
+    pub desired: DesiredState,
+    pub observed: ObservedState,
+    /// Incremented at every change of `desired`; orders carry the generation they serve.
+    pub generation: u64,
+    /// Log index of the command that created the instance.
+    pub created_index: u64,
+    pub request_id: Option<String>,
+    pub last_error: Option<String>,
+    /// Journal id of the order in flight for this instance, if any.
+    pub open_order: Option<u64>,
+}
+
+/// A Raft leader's identity, used as the fencing token on orders.
+///
+/// Ordering is lexicographic on (term, node_id); at most one leader exists
+/// per term, so a larger value always names a later leader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LeaderStamp {
+    pub term: u64,
+    pub node_id: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrderAction {
+    /// Define the domain if absent and start it.
+    Start,
+    /// Destroy and undefine the domain.
+    Destroy,
+}
+
+impl OrderAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderAction::Start => "start",
+            OrderAction::Destroy => "destroy",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum OrderOutcome {
+    /// The agent executed the order; the domain is now in `domain_state`.
+    Done { domain_state: String },
+    /// The agent or libvirt failed; the order can be retried.
+    Failed { error: String },
+    /// The agent had accepted a newer leader and refused this order.
+    Fenced,
+    /// Closed without an answer because a newer order replaced it.
+    Superseded,
+}
+
+/// One order in the operation journal: recorded before it is sent, closed
+/// with its outcome afterwards.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// Log index of the command that opened the order.
+    pub id: u64,
+    pub instance_id: String,
+    pub host_id: String,
+    pub action: OrderAction,
+    /// The instance generation the order serves.
+    pub generation: u64,
+    /// The leader that journaled the order.
+    pub leader: LeaderStamp,
+    pub outcome: Option<OrderOutcome>,
+}
