@@ -48,3 +48,4 @@ pub mod telemetry;
 pub mod agent;
 pub mod cli;
 pub mod dev;
+pub mod bench;

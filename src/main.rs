@@ -68,6 +68,9 @@ enum Command {
     /// Zone status and membership.
     #[command(subcommand)]
     Zone(cli::ZoneCommand),
+    /// Load generators for docs/BENCHMARKS.md.
+    #[command(subcommand)]
+    Bench(ccs::bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -99,6 +102,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Host(command) => cli::host(&connect()?, command).await?,
         Command::Pod(command) => cli::pod(&connect()?, command).await?,
         Command::Zone(command) => cli::zone(&connect()?, command).await?,
+        Command::Bench(command) => ccs::bench::run(&connect()?, command).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

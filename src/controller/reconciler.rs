@@ -23,7 +23,8 @@ use crate::proto::agent::agent_client::AgentClient;
 use crate::proto::agent::{self, Order};
 use crate::zone::command::{Command, CommandResult};
 use crate::zone::model::{
-    DesiredState, HostHealth, Instance, LeaderStamp, ObservedState, OrderAction, OrderOutcome,
+    DesiredState, HostHealth, Instance, JournalEntry, LeaderStamp, ObservedState, OrderAction,
+    OrderOutcome,
 };
 
 /// Orders in flight at once.
@@ -45,14 +46,8 @@ pub struct Reconciler {
     agents: HashMap<String, AgentClient<Channel>>,
 }
 
-/// The action an instance needs, if any.
-///
-/// An instance with an order open by this leader waits for it; one with an
-/// order open by an older leader gets a new order that supersedes it.
-fn needed_action(instance: &Instance, open_by_older: bool) -> Option<OrderAction> {
-    if instance.open_order.is_some() && !open_by_older {
-        return None;
-    }
+/// The action an instance's domain needs, if any, ignoring open orders.
+fn needed_action(instance: &Instance) -> Option<OrderAction> {
     match instance.desired {
         DesiredState::Deleted => Some(OrderAction::Destroy),
         DesiredState::Running
@@ -62,6 +57,15 @@ fn needed_action(instance: &Instance, open_by_older: bool) -> Option<OrderAction
         }
         DesiredState::Running => Some(OrderAction::Start),
     }
+}
+
+/// What the reconciler does for one instance.
+enum Work {
+    /// Journal a new order, superseding any order an older leader left open.
+    Open(OrderAction),
+    /// Send again an order this leader journaled but did not close, for
+    /// example because recording its outcome timed out.
+    Resend(JournalEntry),
 }
 
 impl Reconciler {
@@ -100,12 +104,18 @@ impl Reconciler {
             if self.retry_after.get(&instance.id).is_some_and(|t| Instant::now() < *t.value()) {
                 continue;
             }
-            let open_by_older = match instance.open_order {
-                Some(order) => node.order(order)?.is_some_and(|o| o.leader < self.stamp),
-                None => false,
+            let open = match instance.open_order {
+                Some(order) => node.order(order)?,
+                None => None,
             };
-            let Some(action) = needed_action(&instance, open_by_older) else {
-                continue;
+            let work = match open {
+                Some(entry) if entry.leader == self.stamp => Work::Resend(entry),
+                // A newer leader exists; this replica is about to step down.
+                Some(entry) if entry.leader > self.stamp => continue,
+                _ => match needed_action(&instance) {
+                    Some(action) => Work::Open(action),
+                    None => continue,
+                },
             };
             let Some(host) = hosts.get(&instance.host) else {
                 continue;
@@ -114,7 +124,7 @@ impl Reconciler {
                 continue;
             }
             let client = self.agent(&host.agent_endpoint);
-            self.spawn_order(instance, action, client);
+            self.spawn_order(instance, work, client);
         }
         Ok(())
     }
@@ -130,7 +140,7 @@ impl Reconciler {
         client
     }
 
-    fn spawn_order(&mut self, instance: Instance, action: OrderAction, client: AgentClient<Channel>) {
+    fn spawn_order(&mut self, instance: Instance, work: Work, client: AgentClient<Channel>) {
         self.in_flight.insert(instance.id.clone());
         let zone = self.zone.clone();
         let stamp = self.stamp;
@@ -140,7 +150,7 @@ impl Reconciler {
         tokio::spawn(async move {
             let _permit = permits.acquire_owned().await.expect("semaphore is never closed");
             let id = instance.id.clone();
-            match execute_order(&zone, stamp, &instance, action, client).await {
+            match execute_order(&zone, stamp, &instance, work, client).await {
                 Ok(true) => {
                     retry_after.remove(&id);
                 }
@@ -148,7 +158,7 @@ impl Reconciler {
                     retry_after.insert(id.clone(), Instant::now() + RETRY_DELAY);
                 }
                 Err(e) => {
-                    tracing::warn!(instance_id = %id, action = action.as_str(), error = %e, "order did not complete");
+                    tracing::warn!(instance_id = %id, error = %e, "order did not complete");
                     retry_after.insert(id.clone(), Instant::now() + RETRY_DELAY);
                 }
             }
@@ -184,28 +194,38 @@ impl Reconciler {
     }
 }
 
-/// Journals, sends and closes one order. Returns whether the agent executed it.
+/// Journals an order (unless resending one), sends it and records its
+/// outcome. Returns whether the agent executed it.
 async fn execute_order(
     zone: &Zone,
     stamp: LeaderStamp,
     instance: &Instance,
-    action: OrderAction,
+    work: Work,
     mut client: AgentClient<Channel>,
 ) -> Result<bool, super::error::ApiError> {
-    let open = Command::OpenOrder {
-        instance_id: instance.id.clone(),
-        action,
-        generation: instance.generation,
-        leader: stamp,
-    };
-    let entry = match zone.node.propose(open).await? {
-        CommandResult::Order(entry) => entry,
-        CommandResult::Rejected(rejection) => {
-            tracing::debug!(instance_id = %instance.id, %rejection, "order not opened");
-            return Ok(false);
+    let entry = match work {
+        Work::Resend(entry) => entry,
+        Work::Open(action) => {
+            let open = Command::OpenOrder {
+                instance_id: instance.id.clone(),
+                action,
+                generation: instance.generation,
+                leader: stamp,
+            };
+            match zone.node.propose(open).await? {
+                CommandResult::Order(entry) => entry,
+                CommandResult::Rejected(rejection) => {
+                    tracing::debug!(instance_id = %instance.id, %rejection, "order not opened");
+                    return Ok(false);
+                }
+                other => {
+                    let message = format!("unexpected result {other:?}");
+                    return Err(super::error::ApiError::Internal(message));
+                }
+            }
         }
-        other => return Err(super::error::ApiError::Internal(format!("unexpected result {other:?}"))),
     };
+    let action = entry.action;
     let order = Order {
         order_id: entry.id,
         leader: Some(agent::LeaderId {
