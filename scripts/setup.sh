@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Installs the Debian packages ccs needs to build and test, if any is missing:
-# libvirt (the test driver and headers for the `virt` crate), clang for
-# RocksDB's bindings, protoc for the gRPC code, and the network tools the
-# multi-host tests use.
+# Installs the Debian packages that ccs needs to build and test, if any is
+# missing. They are libvirt (the test driver and the headers of the `virt`
+# crate), clang for RocksDB's bindings, protoc for the gRPC code, and the
+# network tools of the multi-host tests.
 set -euo pipefail
 
 packages=(libvirt-dev libvirt0 libclang-dev clang pkg-config protobuf-compiler

@@ -3,7 +3,7 @@
 //! - `creates`: committed instance creates per second and their latency,
 //!   with N concurrent clients, against any zone.
 //! - `failover`: kill -9 of the leader of a `ccs dev` cloud, timed to the
-//!   first committed write afterwards; the killed replica is started again
+//!   first committed write afterwards. The killed replica is started again
 //!   from its config before the next kill.
 //!
 //! Both clean up the instances they create.
@@ -35,7 +35,7 @@ pub enum BenchCommand {
     },
     /// Kill the leader of a `ccs dev` cloud and time the first committed write.
     Failover {
-        /// The `ccs dev` data directory (holds cloud.json).
+        /// The `ccs dev` data directory, which contains cloud.json.
         #[arg(long = "data-dir")]
         data_dir: PathBuf,
         #[arg(long, default_value_t = 5)]
@@ -89,7 +89,7 @@ impl std::fmt::Display for CreatesResult {
     }
 }
 
-/// The smallest instance the API accepts, so that capacity lasts.
+/// Builds a create request for the smallest instance the API accepts, so that capacity lasts.
 fn tiny(name: String) -> CreateInstanceRequest {
     CreateInstanceRequest {
         request_id: name.clone(),
@@ -240,7 +240,7 @@ async fn failover(connector: &ZoneConnector, data_dir: &Path, kills: usize) -> a
     delete_prefix(connector, "failover-").await
 }
 
-/// Waits until the replica at `addr` answers and every replica's lag is small.
+/// Waits until the replica at `addr` has matched the leader's log to within 10 entries.
 async fn wait_caught_up(connector: &ZoneConnector, addr: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

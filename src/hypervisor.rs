@@ -3,7 +3,7 @@
 //!
 //! libvirt calls block, so callers run them on a blocking thread. One
 //! libvirt connection is kept for the agent's lifetime because the test
-//! driver (`test:///…`) holds its domains in the connection that opened it.
+//! driver (`test:///…`) keeps its domains in the connection that opened it.
 
 use std::sync::Mutex;
 
@@ -45,7 +45,7 @@ impl DomainRunState {
     }
 }
 
-/// What a domain should look like when it is defined.
+/// The definition of a domain to create.
 #[derive(Clone, Debug)]
 pub struct DomainSpec {
     /// The instance id, used as the domain UUID.

@@ -47,5 +47,6 @@ pub mod scheduler;
 pub mod telemetry;
 pub mod agent;
 pub mod cli;
+pub mod demo;
 pub mod dev;
 pub mod bench;

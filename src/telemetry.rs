@@ -23,7 +23,7 @@ pub fn init_tracing(json: bool) {
     };
 }
 
-/// A check that answers whether the process can serve.
+/// A check that returns whether the process is ready to serve, or why not.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Installs the Prometheus recorder and serves `/metrics` and `/readyz` on

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tracing::Instrument;
 use tonic::{Request, Response, Status};
 
 use crate::client::ZoneConnector;
@@ -139,7 +140,7 @@ impl Agent for AgentService {
     }
 }
 
-/// A value that differs at every agent start: nanoseconds since the epoch.
+/// Returns a value that differs at every agent start: nanoseconds since the epoch.
 fn new_boot_id() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -214,9 +215,12 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config: AgentConfig = config::load(config_path)?;
     config.validate(config_path)?;
     crate::telemetry::init_tracing(config.log_json);
+    // Every log line of this process, including spawned tasks, carries the zone and host id.
     let span = tracing::info_span!("agent", zone = %config.zone, host_id = %config.host_id);
-    let _entered = span.enter();
+    serve(config).instrument(span).await
+}
 
+async fn serve(config: AgentConfig) -> anyhow::Result<()> {
     let uri = config.libvirt_uri.clone();
     let hypervisor: Arc<dyn Hypervisor> = Arc::new(
         tokio::task::spawn_blocking(move || Libvirt::open(&uri))
@@ -245,11 +249,14 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         }
     });
     let metrics_listen = config.metrics_listen;
-    tokio::spawn(async move {
-        if let Err(e) = crate::telemetry::serve_metrics(metrics_listen, readiness).await {
-            tracing::error!(error = %e, "metrics server stopped");
+    tokio::spawn(
+        async move {
+            if let Err(e) = crate::telemetry::serve_metrics(metrics_listen, readiness).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
         }
-    });
+        .in_current_span(),
+    );
 
     let connector = ZoneConnector::new(&config.controllers.join(","), Duration::from_secs(10))
         .map_err(anyhow::Error::msg)?;
@@ -268,11 +275,14 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         .serve_with_shutdown(config.listen, crate::controller::shutdown_signal());
     tracing::info!(listen = %config.listen, uri = %config.libvirt_uri, "agent serving");
     let heartbeat_period = config.heartbeat_interval;
-    tokio::spawn(async move {
-        register(&connector, registration).await;
-        registered.store(true, std::sync::atomic::Ordering::Relaxed);
-        heartbeat_loop(connector, service, heartbeat_period).await;
-    });
+    tokio::spawn(
+        async move {
+            register(&connector, registration).await;
+            registered.store(true, std::sync::atomic::Ordering::Relaxed);
+            heartbeat_loop(connector, service, heartbeat_period).await;
+        }
+        .in_current_span(),
+    );
     server.await?;
     tracing::info!("agent stopped");
     Ok(())

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use tracing::Instrument;
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 
 use crate::config::{self, ControllerConfig};
@@ -87,9 +88,12 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config: ControllerConfig = config::load(config_path)?;
     config.validate(config_path)?;
     crate::telemetry::init_tracing(config.log_json);
+    // Every log line of this process, including spawned tasks, carries the zone and node id.
     let span = tracing::info_span!("controller", zone = %config.zone, node_id = config.node_id);
-    let _entered = span.enter();
+    serve(config).instrument(span).await
+}
 
+async fn serve(config: ControllerConfig) -> anyhow::Result<()> {
     let listen = config.listen;
     let metrics_listen = config.metrics_listen;
     let (node, state_machine) = open_node(config).await?;
@@ -100,12 +104,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         Some(_) => Ok(()),
         None => Err("no known leader".to_string()),
     });
-    tokio::spawn(async move {
-        if let Err(e) = crate::telemetry::serve_metrics(metrics_listen, readiness).await {
-            tracing::error!(error = %e, "metrics server stopped");
+    tokio::spawn(
+        async move {
+            if let Err(e) = crate::telemetry::serve_metrics(metrics_listen, readiness).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
         }
-    });
-    tokio::spawn(lead_while_leader(zone.clone(), state_machine.subscribe_applied()));
+        .in_current_span(),
+    );
+    tokio::spawn(lead_while_leader(zone.clone(), state_machine.subscribe_applied()).in_current_span());
 
     let transport = RaftTransportServer::new(TransportService { raft: node.raft.clone() })
         .max_decoding_message_size(usize::MAX)
@@ -158,7 +165,7 @@ async fn lead_while_leader(zone: Arc<Zone>, applied: tokio::sync::watch::Receive
             }
             if let Some(stamp) = stamp {
                 let task = reconciler::Reconciler::new(zone.clone(), stamp).run(applied.clone());
-                reconciler = Some((tokio::spawn(task), stamp));
+                reconciler = Some((tokio::spawn(task.in_current_span()), stamp));
             }
         }
         if metrics_rx.changed().await.is_err() {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use dashmap::{DashMap, DashSet};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tracing::Instrument;
 use tonic::transport::Channel;
 
 use super::ops::Zone;
@@ -163,7 +164,7 @@ impl Reconciler {
                 }
             }
             in_flight.remove(&id);
-        });
+        }.in_current_span());
     }
 
     /// Marks hosts suspect whose heartbeats stopped. A host gets the full

@@ -22,7 +22,8 @@ use crate::proto::zone::*;
 use crate::zone::command::Command;
 use crate::zone::model;
 
-/// Metadata key set on a forwarded call, so that it is forwarded at most once.
+/// Metadata key set on a forwarded call. A replica that receives a call with
+/// it never forwards the call again, so a call makes at most one hop.
 const FORWARDED_KEY: &str = "ccs-forwarded";
 
 pub struct ZoneService {
@@ -48,13 +49,13 @@ impl ZoneService {
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
         let node = &self.zone.node;
-        let refused = node.not_leader();
+        let rejection = node.not_leader();
         let (forwarded, leader) = (request.metadata().contains_key(FORWARDED_KEY), node.leader());
         let Some((leader_id, addr)) = leader else {
-            return Err(refused.into());
+            return Err(rejection.into());
         };
         if forwarded || leader_id == node.id {
-            return Err(refused.into());
+            return Err(rejection.into());
         }
         let client = match self.leader_clients.get(&addr) {
             Some(client) => client.clone(),

@@ -5,8 +5,8 @@ use crate::proto::zone::{Replica, ZoneStatusReply};
 
 use super::node::Node;
 
-/// The commit index as the leader computes it: the highest log index that a
-/// majority of voters hold. Returns 0 when this replica is not the leader.
+/// Computes the commit index as the leader sees it: the highest log index
+/// that a majority of voters have. Returns 0 when this replica is not the leader.
 fn leader_commit_index(node: &Node) -> u64 {
     let metrics = node.raft.metrics().borrow().clone();
     let Some(replication) = &metrics.replication else {
@@ -30,8 +30,8 @@ fn leader_commit_index(node: &Node) -> u64 {
     matched[matched.len() / 2]
 }
 
-/// The leader's commit index if this replica leads, else the highest index
-/// this replica has applied (a lower bound of the leader's).
+/// Returns the leader's commit index if this replica leads, else the highest
+/// index this replica has applied, which is a lower bound of the leader's.
 pub fn known_commit_index(node: &Node) -> u64 {
     if node.is_leader() {
         leader_commit_index(node)

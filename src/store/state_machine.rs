@@ -4,7 +4,7 @@
 //! in one RocksDB write batch, so a crash leaves the state at a batch
 //! boundary. A snapshot is built by streaming a consistent RocksDB view of
 //! the state column families into a file, and installed by streaming such
-//! a file back in bounded write batches; neither holds the state in memory.
+//! a file back in bounded write batches. Neither keeps the whole state in memory.
 //! An install in progress is marked in the database so that a crash in the
 //! middle is finished from the retained snapshot file at the next start.
 
@@ -62,7 +62,7 @@ impl StateMachine {
         Ok(machine)
     }
 
-    /// A receiver that sees the last applied log index.
+    /// Returns a receiver of the last applied log index.
     pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
     }
@@ -100,8 +100,8 @@ impl StateMachine {
         };
         txn.put(CF_SM_META, KEY_APPLIED, &last)
             .map_err(|e| StorageIOError::apply(last, &e))?;
-        // Unsynced: the log holds every applied entry until a snapshot covers
-        // it, and the snapshot is built from synced state (see `build`).
+        // Unsynced: the log contains every applied entry until a snapshot covers
+        // it, and `write_snapshot` syncs the WAL before it reads the state.
         self.db
             .write(txn.into_batch())
             .map_err(|e| StorageIOError::apply(last, &e))?;
@@ -156,7 +156,7 @@ fn write_snapshot(db: &DB, path: &Path) -> Result<SnapshotMeta, DbError> {
     db.flush_wal(true)?;
     let view = db.snapshot();
     let applied: Option<LogId> = match view.get_cf(cf(db, CF_SM_META), KEY_APPLIED)? {
-        Some(bytes) => db::decode(CF_SM_META, &bytes)?,
+        Some(bytes) => Some(db::decode(CF_SM_META, &bytes)?),
         None => None,
     };
     let membership: StoredMembership = match view.get_cf(cf(db, CF_SM_META), KEY_MEMBERSHIP)? {
@@ -250,7 +250,11 @@ fn load_snapshot(db: &DB, meta: &SnapshotMeta, file: File) -> Result<(), DbError
             db.write(std::mem::take(&mut batch))?;
         }
     }
-    batch.put_cf(cf(db, CF_SM_META), KEY_APPLIED, db::encode(&meta.last_log_id)?);
+    // KEY_APPLIED always stores a plain `LogId`; its absence means nothing is applied.
+    match &meta.last_log_id {
+        Some(applied) => batch.put_cf(cf(db, CF_SM_META), KEY_APPLIED, db::encode(applied)?),
+        None => batch.delete_cf(cf(db, CF_SM_META), KEY_APPLIED),
+    }
     batch.put_cf(cf(db, CF_SM_META), KEY_MEMBERSHIP, db::encode(&meta.last_membership)?);
     batch.delete_cf(cf(db, CF_SM_META), KEY_INSTALLING);
     db.write_opt(batch, &synced())?;
@@ -284,9 +288,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
         let read = |e: DbError| StorageError::from(StorageIOError::read_state_machine(&e));
-        let applied: Option<LogId> = db::get::<Option<LogId>>(&self.db, CF_SM_META, KEY_APPLIED)
-            .map_err(read)?
-            .flatten();
+        let applied: Option<LogId> = db::get(&self.db, CF_SM_META, KEY_APPLIED).map_err(read)?;
         let membership = db::get(&self.db, CF_SM_META, KEY_MEMBERSHIP)
             .map_err(read)?
             .unwrap_or_default();
