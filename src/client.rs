@@ -129,7 +129,7 @@ impl ZoneConnector {
             match self.call(&mut call).await {
                 Err(status) if try_elsewhere(&status) && start.elapsed() < deadline => {
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(500));
+                    delay = (delay * 2).min(Duration::from_millis(200));
                 }
                 other => return other,
             }

@@ -251,6 +251,14 @@ impl zone_server::Zone for ZoneService {
     }
 
     async fn host_domains(&self, request: Request<HostRef>) -> Result<Response<HostDomainsReply>, Status> {
+        // A lagging follower may not have applied the host's registration
+        // yet, so the host record is read on the leader after a read barrier.
+        if !self.zone.node.is_leader() {
+            return self
+                .forward(request, |mut client, r| async move { client.host_domains(r).await })
+                .await;
+        }
+        self.zone.node.read_barrier().await?;
         let host_id = request.into_inner().host;
         let host = self
             .zone
