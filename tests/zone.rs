@@ -92,7 +92,8 @@ async fn fifty_instances_run_once_each() {
 ///    retried with that id while the zone is unavailable or the outcome is
 ///    unknown.
 /// 3. After 10 acknowledgements, kill the leader with SIGKILL.
-/// 4. Every create of the burst is acknowledged, some by the new leader.
+/// 4. Every create of the burst is acknowledged, 20 or more of them after
+///    the kill.
 /// 5. A new leader is elected and accepts a further create.
 /// 6. Each acknowledged instance exists exactly once, by name and by id,
 ///    and no other instance exists.
@@ -132,8 +133,9 @@ async fn leader_kill_during_create_burst() {
     cluster.kill_controller(old_leader).await;
     let acked_at_kill = *acked_rx.borrow();
     assert!(
-        acked_at_kill < 60,
-        "the whole burst was acknowledged before the leader was killed, so the test proves nothing"
+        acked_at_kill <= 40,
+        "{acked_at_kill} of 60 creates were acknowledged before the leader died, \
+         which leaves too few to test the new leader"
     );
 
     // Step 4.
