@@ -33,7 +33,7 @@ use crate::proto::zone::{CreateInstanceRequest, InstanceRef, ReadRequest};
 /// about 76 s.
 pub const DEFAULT_SPEEDUP: f64 = 40.0;
 
-/// Prefix of every demo instance name; the trace row number follows.
+/// Prefix of every demo instance name, followed by the trace row number.
 const NAME_PREFIX: &str = "az-";
 /// Disk of every demo instance, in GiB, because the trace has no disk column.
 const DISK_GIB: u64 = 30;
@@ -50,6 +50,9 @@ const RETRY_WINDOW: Duration = Duration::from_secs(60);
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Period of ListInstances calls while waiting for instances.
 const POLL_PERIOD: Duration = Duration::from_millis(500);
+/// Maximum number of per-instance warnings that one replay logs. The
+/// summary counts every problem, logged or not.
+const MAX_LOGGED_PROBLEMS: usize = 10;
 
 /// Outcome of a replay, counted over the replayed requests.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -76,7 +79,7 @@ pub struct DemoSummary {
 }
 
 impl DemoSummary {
-    /// Whether every request was served: nothing failed and nothing was lost.
+    /// Returns true when no request failed and no instance was lost.
     pub fn ok(&self) -> bool {
         self.failed == 0 && self.lost == 0
     }
@@ -102,7 +105,7 @@ impl fmt::Display for DemoSummary {
     }
 }
 
-/// One row of `requests.csv`; the `tenant_batch` column is not used.
+/// One row of `requests.csv`. The replay ignores the `tenant_batch` column.
 #[derive(Debug, Deserialize)]
 struct TraceRow {
     arrival_s: f64,
@@ -120,7 +123,8 @@ struct TraceVm {
     arrival_s: f64,
     vcpus: u32,
     memory_mib: u64,
-    /// When the replay deletes the VM; `None` if it outlives the window.
+    /// Trace time at which the replay deletes the VM, or `None` if the VM
+    /// outlives the window.
     end_s: Option<f64>,
 }
 
@@ -132,7 +136,8 @@ fn read_trace(path: &Path, count: usize) -> anyhow::Result<Vec<TraceVm>> {
     let mut rows: Vec<(TraceVm, f64)> = Vec::new();
     for (index, record) in reader.deserialize::<TraceRow>().take(count).enumerate() {
         let row = index + 1;
-        let record = record.with_context(|| format!("{} row {row} is malformed", path.display()))?;
+        let record =
+            record.with_context(|| format!("{} row {row} is malformed", path.display()))?;
         let vm = validate_row(&record, row, rows.last().map(|(vm, _)| vm.arrival_s))
             .with_context(|| format!("{} row {row} is invalid", path.display()))?;
         rows.push((vm, lifetime_in_window(&record)));
@@ -150,12 +155,22 @@ fn read_trace(path: &Path, count: usize) -> anyhow::Result<Vec<TraceVm>> {
         .collect())
 }
 
-fn validate_row(record: &TraceRow, row: usize, previous_arrival: Option<f64>) -> anyhow::Result<TraceVm> {
+fn validate_row(
+    record: &TraceRow,
+    row: usize,
+    previous_arrival: Option<f64>,
+) -> anyhow::Result<TraceVm> {
     if !(record.arrival_s.is_finite() && record.arrival_s >= 0.0) {
-        bail!("arrival_s {} must be a non-negative number", record.arrival_s);
+        bail!(
+            "arrival_s {} must be a non-negative number",
+            record.arrival_s
+        );
     }
     if previous_arrival.is_some_and(|previous| record.arrival_s < previous) {
-        bail!("arrival_s {} is earlier than the row before; the trace must be sorted", record.arrival_s);
+        bail!(
+            "arrival_s {} is earlier than the previous row's, but the trace must be sorted",
+            record.arrival_s
+        );
     }
     if record.vcpus == 0 {
         bail!("vcpus must be at least 1");
@@ -164,7 +179,10 @@ fn validate_row(record: &TraceRow, row: usize, previous_arrival: Option<f64>) ->
         bail!("memory_gib {} must be a positive number", record.memory_gib);
     }
     if !(record.lifetime_s.is_finite() && record.lifetime_s >= 0.0) {
-        bail!("lifetime_s {} must be a non-negative number", record.lifetime_s);
+        bail!(
+            "lifetime_s {} must be a non-negative number",
+            record.lifetime_s
+        );
     }
     Ok(TraceVm {
         row,
@@ -201,10 +219,10 @@ pub async fn run_demo(
     speedup: f64,
 ) -> anyhow::Result<DemoSummary> {
     if count == 0 {
-        bail!("the demo needs at least one request; pass --demo N with N >= 1");
+        bail!("--demo 0 is invalid: the demo needs N >= 1 requests");
     }
     if !(speedup.is_finite() && speedup > 0.0) {
-        bail!("speedup {speedup} is invalid; it must be a positive number");
+        bail!("speedup {speedup} is invalid: it must be a positive number");
     }
     let vms = read_trace(trace, count)?;
     let started = Instant::now();
@@ -229,7 +247,10 @@ async fn clear_earlier_replay(connector: &ZoneConnector) -> anyhow::Result<()> {
     if leftovers.is_empty() {
         return Ok(());
     }
-    println!("deleting {} instances left by an earlier demo", leftovers.len());
+    println!(
+        "deleting {} instances left by an earlier demo",
+        leftovers.len()
+    );
     for name in leftovers.keys() {
         let reference = InstanceRef { name: name.clone() };
         let result = with_retry(connector, |mut client| {
@@ -240,7 +261,10 @@ async fn clear_earlier_replay(connector: &ZoneConnector) -> anyhow::Result<()> {
         match result {
             Ok(_) => {}
             Err(status) if status.code() == Code::NotFound => {}
-            Err(status) => bail!("cannot delete {name} of an earlier demo: {}", status.message()),
+            Err(status) => bail!(
+                "cannot delete {name} of an earlier demo: {}",
+                status.message()
+            ),
         }
     }
     let deadline = Instant::now() + SETTLE_TIMEOUT;
@@ -279,8 +303,10 @@ where
     loop {
         let remaining = RETRY_WINDOW.saturating_sub(start.elapsed());
         match connector.call_until(remaining, &mut call).await {
-            Err(status) if status.code() == Code::DeadlineExceeded && start.elapsed() < RETRY_WINDOW => {
-                tracing::debug!(message = status.message(), "call timed out; retrying");
+            Err(status)
+                if status.code() == Code::DeadlineExceeded && start.elapsed() < RETRY_WINDOW =>
+            {
+                tracing::debug!(message = status.message(), "retrying a call that timed out");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             other => return other,
@@ -288,7 +314,7 @@ where
     }
 }
 
-/// What the replay did with one VM.
+/// Outcome of one VM's create and, if due, its delete.
 #[derive(Debug)]
 struct VmResult {
     name: String,
@@ -374,7 +400,11 @@ async fn replay_vm(replay: Arc<Replay>, vm: TraceVm) -> VmResult {
         delete = delete_vm(&replay, &name).await;
         replay.progress.record_delete(&delete);
     }
-    VmResult { name, create, delete }
+    VmResult {
+        name,
+        create,
+        delete,
+    }
 }
 
 async fn create_vm(replay: &Replay, name: &str, vm: &TraceVm) -> CreateOutcome {
@@ -386,7 +416,11 @@ async fn create_vm(replay: &Replay, name: &str, vm: &TraceVm) -> CreateOutcome {
         pod: String::new(),
         request_id: format!("demo-{}-{}", replay.run_tag, vm.row),
     };
-    let _slot = replay.in_flight.acquire().await.expect("the semaphore is never closed");
+    let _slot = replay
+        .in_flight
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
     let result = with_retry(&replay.connector, |mut client| {
         let request = request.clone();
         async move { client.create_instance(request).await }
@@ -394,23 +428,33 @@ async fn create_vm(replay: &Replay, name: &str, vm: &TraceVm) -> CreateOutcome {
     .await;
     match result {
         Ok(_) => CreateOutcome::Placed,
-        Err(status) if status.code() == Code::ResourceExhausted => CreateOutcome::RejectedForCapacity,
+        Err(status) if status.code() == Code::ResourceExhausted => {
+            CreateOutcome::RejectedForCapacity
+        }
         Err(status) => {
-            tracing::warn!(
-                instance = name,
-                code = ?status.code(),
-                reason = reason(&status),
-                message = status.message(),
-                "demo create failed"
-            );
+            if replay.progress.failures() < MAX_LOGGED_PROBLEMS {
+                tracing::warn!(
+                    instance = name,
+                    code = ?status.code(),
+                    reason = reason(&status),
+                    message = status.message(),
+                    "demo create failed"
+                );
+            }
             CreateOutcome::Failed
         }
     }
 }
 
 async fn delete_vm(replay: &Replay, name: &str) -> DeleteOutcome {
-    let reference = InstanceRef { name: name.to_string() };
-    let _slot = replay.in_flight.acquire().await.expect("the semaphore is never closed");
+    let reference = InstanceRef {
+        name: name.to_string(),
+    };
+    let _slot = replay
+        .in_flight
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
     let mut attempts = 0;
     let result = with_retry(&replay.connector, |mut client| {
         attempts += 1;
@@ -423,13 +467,15 @@ async fn delete_vm(replay: &Replay, name: &str) -> DeleteOutcome {
         // A retry that finds nothing means an earlier attempt deleted it.
         Err(status) if status.code() == Code::NotFound && attempts > 1 => DeleteOutcome::Deleted,
         Err(status) => {
-            tracing::warn!(
-                instance = name,
-                code = ?status.code(),
-                reason = reason(&status),
-                message = status.message(),
-                "demo delete failed"
-            );
+            if replay.progress.failures() < MAX_LOGGED_PROBLEMS {
+                tracing::warn!(
+                    instance = name,
+                    code = ?status.code(),
+                    reason = reason(&status),
+                    message = status.message(),
+                    "demo delete failed"
+                );
+            }
             DeleteOutcome::Failed
         }
     }
@@ -483,6 +529,10 @@ impl Progress {
         self.refresh();
     }
 
+    fn failures(&self) -> usize {
+        self.failed.load(Ordering::Relaxed)
+    }
+
     fn refresh(&self) {
         self.bar.set_message(format!(
             "placed {} rejected {} deleted {} failed {}",
@@ -516,6 +566,7 @@ async fn settle(connector: &ZoneConnector, results: &[VmResult]) -> anyhow::Resu
         })
         .collect();
     let spinner = ProgressBar::new_spinner();
+    spinner.set_message("waiting for instances to reach their state");
     spinner.enable_steady_tick(Duration::from_millis(200));
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     let observed = loop {
@@ -524,7 +575,9 @@ async fn settle(connector: &ZoneConnector, results: &[VmResult]) -> anyhow::Resu
         if pending == 0 || Instant::now() >= deadline {
             break observed;
         }
-        spinner.set_message(format!("waiting for {pending} instances to reach their state"));
+        spinner.set_message(format!(
+            "waiting for {pending} instances to reach their state"
+        ));
         tokio::time::sleep(POLL_PERIOD).await;
     };
     spinner.finish_and_clear();
@@ -557,23 +610,45 @@ fn count_outcome(
         failed: count(|r| r.create == CreateOutcome::Failed || r.delete == DeleteOutcome::Failed),
         ..DemoSummary::default()
     };
+    let mut problems = 0;
     for (name, state) in expected {
-        match (state, observed.get(*name).map(String::as_str)) {
-            (Expected::Running, Some("running")) => summary.running += 1,
+        let observed = observed.get(*name).map(String::as_str);
+        let problem = match (state, observed) {
+            (Expected::Running, Some("running")) => {
+                summary.running += 1;
+                None
+            }
             (Expected::Running, None) => {
-                tracing::warn!(instance = name, "acknowledged instance is missing");
                 summary.lost += 1;
+                Some("acknowledged instance is missing")
             }
-            (Expected::Running, Some(state)) => {
-                tracing::warn!(instance = name, observed = state, "instance did not reach running");
+            (Expected::Running, Some(_)) => {
                 summary.failed += 1;
+                Some("instance did not reach running")
             }
-            (Expected::Gone, None) => {}
-            (Expected::Gone, Some(state)) => {
-                tracing::warn!(instance = name, observed = state, "deleted instance is still present");
+            (Expected::Gone, None) => None,
+            (Expected::Gone, Some(_)) => {
                 summary.failed += 1;
+                Some("deleted instance is still present")
             }
+        };
+        if let Some(problem) = problem {
+            if problems < MAX_LOGGED_PROBLEMS {
+                tracing::warn!(
+                    instance = name,
+                    observed,
+                    problem,
+                    "demo instance in the wrong state"
+                );
+            }
+            problems += 1;
         }
+    }
+    if problems > MAX_LOGGED_PROBLEMS {
+        tracing::warn!(
+            omitted = problems - MAX_LOGGED_PROBLEMS,
+            "more demo instances in the wrong state"
+        );
     }
     summary
 }
@@ -586,7 +661,11 @@ mod tests {
 
     fn trace_file(rows: &[&str]) -> tempfile::NamedTempFile {
         let mut file = tempfile::NamedTempFile::new().expect("creating a temp file");
-        writeln!(file, "arrival_s,tenant_batch,vcpus,memory_gib,lifetime_s,ended").expect("write");
+        writeln!(
+            file,
+            "arrival_s,tenant_batch,vcpus,memory_gib,lifetime_s,ended"
+        )
+        .expect("write");
         for row in rows {
             writeln!(file, "{row}").expect("write");
         }
@@ -633,15 +712,24 @@ mod tests {
 
     #[test]
     fn count_outcome_sorts_instances() {
-        let result = |name: &str, create, delete| VmResult { name: name.to_string(), create, delete };
+        let result = |name: &str, create, delete| VmResult {
+            name: name.to_string(),
+            create,
+            delete,
+        };
         let results = vec![
             result("az-1", CreateOutcome::Placed, DeleteOutcome::NotDue),
             result("az-2", CreateOutcome::Placed, DeleteOutcome::Deleted),
-            result("az-3", CreateOutcome::RejectedForCapacity, DeleteOutcome::NotDue),
+            result(
+                "az-3",
+                CreateOutcome::RejectedForCapacity,
+                DeleteOutcome::NotDue,
+            ),
             result("az-4", CreateOutcome::Placed, DeleteOutcome::NotDue),
             result("az-5", CreateOutcome::Placed, DeleteOutcome::NotDue),
             result("az-6", CreateOutcome::Failed, DeleteOutcome::NotDue),
         ];
+
         let expected: HashMap<&str, Expected> = [
             ("az-1", Expected::Running),
             ("az-2", Expected::Gone),
@@ -650,10 +738,12 @@ mod tests {
         ]
         .into_iter()
         .collect();
+
         let observed: HashMap<String, String> = [("az-1", "running"), ("az-5", "pending")]
             .into_iter()
             .map(|(name, state)| (name.to_string(), state.to_string()))
             .collect();
+
         let summary = count_outcome(&results, &expected, &observed);
         assert_eq!(summary.requests, 6);
         assert_eq!(summary.placed, 4);
@@ -668,7 +758,12 @@ mod tests {
 
     #[test]
     fn summary_table_aligns_values() {
-        let summary = DemoSummary { requests: 2000, placed: 1500, speedup: 40.0, ..Default::default() };
+        let summary = DemoSummary {
+            requests: 2000,
+            placed: 1500,
+            speedup: 40.0,
+            ..Default::default()
+        };
         let text = summary.to_string();
         let widths: Vec<usize> = text.lines().map(str::len).collect();
         assert!(widths.iter().all(|width| *width == widths[0]), "{text}");

@@ -11,6 +11,10 @@
 //! Layout under the data directory: `controller-N/` and `agent-N/` (data),
 //! `config/*.toml`, `hosts/host-N.xml`, `logs/*.log`, and `cloud.json`,
 //! which lists every process once all of them have started.
+//!
+//! The file is past 800 lines because it contains the whole launcher (data
+//! layout, config files, child processes and signals) and its tests. No
+//! other module uses these parts.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -65,7 +69,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Shape of each dev host: 2 sockets of 12 cores with 2 threads (48 CPUs)
 /// and 384 GiB of memory, like a common two-socket server.
 const HOST_XML: &str = "<node>
-  <cpu><mhz>2600</mhz><model>x86_64</model><active>48</active><max>48</max><nodes>1</nodes><sockets>2</sockets><cores>12</cores><threads>2</threads></cpu>
+  <cpu>
+    <mhz>2600</mhz><model>x86_64</model><active>48</active><max>48</max>
+    <nodes>1</nodes><sockets>2</sockets><cores>12</cores><threads>2</threads>
+  </cpu>
   <memory>402653184</memory>
 </node>
 ";
@@ -80,8 +87,20 @@ struct PodPlan {
 }
 
 const PODS: [PodPlan; 2] = [
-    PodPlan { name: "pod-a", placement: "pack", cpu_ratio: 4.0, memory_ratio: 1.0, agents: [1, 2] },
-    PodPlan { name: "pod-b", placement: "spread", cpu_ratio: 2.0, memory_ratio: 1.0, agents: [3, 4] },
+    PodPlan {
+        name: "pod-a",
+        placement: "pack",
+        cpu_ratio: 4.0,
+        memory_ratio: 1.0,
+        agents: [1, 2],
+    },
+    PodPlan {
+        name: "pod-b",
+        placement: "spread",
+        cpu_ratio: 2.0,
+        memory_ratio: 1.0,
+        agents: [3, 4],
+    },
 ];
 
 /// Starts the local cloud and runs it until a signal arrives, or until the
@@ -103,7 +122,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
 
     let outcome = tokio::select! {
         result = start(&mut cloud, &layout, &plan) => result,
-        name = signals.recv() => Err(anyhow!("{name} received during startup")),
+        name = signals.recv() => Err(anyhow!("startup interrupted by {name}")),
     };
     let outcome = match outcome {
         Ok(connector) => serve(&mut cloud, &mut signals, &connector, &options).await,
@@ -115,11 +134,16 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
 
 /// Starts the controllers, creates the pods, starts the agents, waits for
 /// their hosts and writes `cloud.json`.
-async fn start(cloud: &mut Cloud, layout: &Layout, plan: &CloudPlan) -> anyhow::Result<ZoneConnector> {
+async fn start(
+    cloud: &mut Cloud,
+    layout: &Layout,
+    plan: &CloudPlan,
+) -> anyhow::Result<ZoneConnector> {
     for spec in &plan.controllers {
         cloud.spawn(spec)?;
     }
-    let connector = ZoneConnector::new(&plan.endpoints(), CALL_TIMEOUT).map_err(anyhow::Error::msg)?;
+    let connector =
+        ZoneConnector::new(&plan.endpoints(), CALL_TIMEOUT).map_err(anyhow::Error::msg)?;
     wait_for_leader(cloud, &connector).await?;
     create_pods(&connector).await?;
     for spec in &plan.agents {
@@ -135,7 +159,7 @@ async fn start(cloud: &mut Cloud, layout: &Layout, plan: &CloudPlan) -> anyhow::
     Ok(connector)
 }
 
-/// Runs the demo if one was requested, else waits for a signal; warns about
+/// Runs the demo if one was requested, else waits for a signal. Warns about
 /// children that exit meanwhile.
 async fn serve(
     cloud: &mut Cloud,
@@ -156,7 +180,7 @@ async fn serve(
     println!("{summary}");
     if !summary.ok() {
         bail!(
-            "the demo failed {} requests and lost {} instances; see the logs in {}",
+            "the demo failed {} requests and lost {} instances (logs in {})",
             summary.failed,
             summary.lost,
             options.data_dir.join("logs").display()
@@ -206,7 +230,11 @@ async fn wait_for_leader(cloud: &mut Cloud, connector: &ZoneConnector) -> anyhow
             .await;
         match status {
             Ok(status) if status.leader_id != 0 => {
-                tracing::info!(node_id = status.leader_id, term = status.term, "zone has a leader");
+                tracing::info!(
+                    node_id = status.leader_id,
+                    term = status.term,
+                    "zone has a leader"
+                );
                 return Ok(());
             }
             Ok(_) => tracing::debug!("zone has no leader yet"),
@@ -219,7 +247,7 @@ async fn wait_for_leader(cloud: &mut Cloud, connector: &ZoneConnector) -> anyhow
     }
 }
 
-/// Creates the dev pods; a pod that already exists is left as it is.
+/// Creates the dev pods and leaves any pod that already exists unchanged.
 async fn create_pods(connector: &ZoneConnector) -> anyhow::Result<()> {
     for pod in &PODS {
         let request = CreatePodRequest {
@@ -244,7 +272,11 @@ async fn create_pods(connector: &ZoneConnector) -> anyhow::Result<()> {
 }
 
 /// Polls ListHosts until `count` hosts are up.
-async fn wait_for_hosts(cloud: &mut Cloud, connector: &ZoneConnector, count: usize) -> anyhow::Result<()> {
+async fn wait_for_hosts(
+    cloud: &mut Cloud,
+    connector: &ZoneConnector,
+    count: usize,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     loop {
         cloud.check_startup()?;
@@ -368,12 +400,19 @@ impl CloudPlan {
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(CloudPlan { controllers, agents })
+        Ok(CloudPlan {
+            controllers,
+            agents,
+        })
     }
 
     /// Returns the controllers' addresses, comma-separated as CCS_ENDPOINT takes them.
     fn endpoints(&self) -> String {
-        let addrs: Vec<String> = self.controllers.iter().map(|spec| spec.grpc.to_string()).collect();
+        let addrs: Vec<String> = self
+            .controllers
+            .iter()
+            .map(|spec| spec.grpc.to_string())
+            .collect();
         addrs.join(",")
     }
 }
@@ -429,7 +468,12 @@ fn controller_config(layout: &Layout, ports: &Ports, n: u16) -> ControllerConfig
     }
 }
 
-fn agent_config(layout: &Layout, ports: &Ports, n: u16, host_file: &Path) -> anyhow::Result<AgentConfig> {
+fn agent_config(
+    layout: &Layout,
+    ports: &Ports,
+    n: u16,
+    host_file: &Path,
+) -> anyhow::Result<AgentConfig> {
     let pod = PODS
         .iter()
         .find(|pod| pod.agents.contains(&n))
@@ -462,7 +506,10 @@ fn load_config<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
 }
 
 /// Writes `contents()` to `path` unless the file exists.
-fn write_if_missing(path: &Path, contents: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<()> {
+fn write_if_missing(
+    path: &Path,
+    contents: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
     if path.exists() {
         return Ok(());
     }
@@ -475,7 +522,8 @@ fn write_atomically(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let mut file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut file =
+        File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     file.write_all(contents)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
@@ -498,13 +546,16 @@ struct Process {
 
 impl Process {
     fn exit_status(&self) -> String {
-        self.exited.map_or_else(|| "running".to_string(), |status| status.to_string())
+        self.exited
+            .map_or_else(|| "running".to_string(), |status| status.to_string())
     }
 }
 
 impl std::fmt::Display for Process {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let pid = self.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string());
+        let pid = self
+            .pid
+            .map_or_else(|| "-".to_string(), |pid| pid.to_string());
         write!(
             f,
             "{:<10} {:<6} pid {:<7} grpc {:<15} metrics {:<15} log {}",
@@ -534,7 +585,9 @@ impl Cloud {
             .append(true)
             .open(&spec.log)
             .with_context(|| format!("cannot open the log file {}", spec.log.display()))?;
-        let stderr = log.try_clone().context("cannot duplicate the log file handle")?;
+        let stderr = log
+            .try_clone()
+            .context("cannot duplicate the log file handle")?;
         let child = Command::new(&executable)
             .arg(spec.role.as_str())
             .arg("--config")
@@ -549,7 +602,8 @@ impl Cloud {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {} {}", spec.role.as_str(), spec.id))?;
-        tracing::debug!(role = spec.role.as_str(), id = %spec.id, pid = ?child.id(), "started process");
+        let pid = child.id();
+        tracing::debug!(role = spec.role.as_str(), id = %spec.id, ?pid, "started process");
         self.processes.push(Process {
             role: spec.role,
             id: spec.id.clone(),
@@ -577,17 +631,22 @@ impl Cloud {
                     newly_exited.push(index);
                 }
                 Ok(None) => {}
-                Err(error) => tracing::warn!(id = %process.id, %error, "cannot poll a child process"),
+                Err(error) => {
+                    tracing::warn!(id = %process.id, %error, "cannot poll a child process")
+                }
             }
         }
-        newly_exited.into_iter().map(|index| &self.processes[index]).collect()
+        newly_exited
+            .into_iter()
+            .map(|index| &self.processes[index])
+            .collect()
     }
 
     /// Fails if any child has exited, naming its log file.
     fn check_startup(&mut self) -> anyhow::Result<()> {
         if let Some(process) = self.reap_exited().first() {
             bail!(
-                "{} {} exited during startup ({}); see {}",
+                "{} {} exited during startup with {}, see its log {}",
                 process.role.as_str(),
                 process.id,
                 process.exit_status(),
@@ -615,7 +674,8 @@ impl Cloud {
             })
             .collect();
         let manifest = serde_json::json!({ "zone": ZONE, "processes": processes });
-        let text = serde_json::to_string_pretty(&manifest).context("cannot serialize cloud.json")?;
+        let text =
+            serde_json::to_string_pretty(&manifest).context("cannot serialize cloud.json")?;
         write_atomically(path, text.as_bytes())
     }
 
@@ -634,7 +694,11 @@ impl Cloud {
 }
 
 async fn stop_group(mut group: Vec<&mut Process>) {
-    let pids: Vec<String> = group.iter().filter_map(|process| process.pid).map(|pid| pid.to_string()).collect();
+    let pids: Vec<String> = group
+        .iter()
+        .filter_map(|process| process.pid)
+        .map(|pid| pid.to_string())
+        .collect();
     if pids.is_empty() {
         return;
     }
@@ -642,7 +706,7 @@ async fn stop_group(mut group: Vec<&mut Process>) {
     // code that calling libc::kill directly needs.
     let sent = Command::new("kill").arg("-TERM").args(&pids).status().await;
     if !matches!(&sent, Ok(status) if status.success()) {
-        tracing::warn!(?sent, ?pids, "sending SIGTERM failed; killing instead");
+        tracing::warn!(?sent, ?pids, "sending SIGTERM failed");
     }
     let deadline = Instant::now() + STOP_TIMEOUT;
     for process in group.iter_mut() {
@@ -651,7 +715,8 @@ async fn stop_group(mut group: Vec<&mut Process>) {
             process.exited = Some(status);
             continue;
         }
-        tracing::warn!(role = process.role.as_str(), id = %process.id, "process ignored SIGTERM; killing it");
+        let role = process.role.as_str();
+        tracing::warn!(role, id = %process.id, "killing a process still running after SIGTERM");
         if let Err(error) = process.child.kill().await {
             tracing::warn!(id = %process.id, %error, "killing a child process failed");
         }
@@ -702,13 +767,19 @@ mod tests {
         let plan = CloudPlan::prepare(&layout, 7100).expect("preparing the plan");
         for spec in &plan.controllers {
             let config: ControllerConfig = load_config(&spec.config).expect("controller config");
-            config.validate(&spec.config).expect("valid controller config");
+            config
+                .validate(&spec.config)
+                .expect("valid controller config");
             assert_eq!(config.bootstrap.len(), 3);
         }
         for spec in &plan.agents {
             let config: AgentConfig = load_config(&spec.config).expect("agent config");
             config.validate(&spec.config).expect("valid agent config");
-            assert!(config.libvirt_uri.starts_with("test:///"), "{}", config.libvirt_uri);
+            assert!(
+                config.libvirt_uri.starts_with("test:///"),
+                "{}",
+                config.libvirt_uri
+            );
         }
     }
 
@@ -716,13 +787,20 @@ mod tests {
     fn plan_assigns_ports() {
         let dir = tempfile::tempdir().expect("temp dir");
         let plan = CloudPlan::prepare(&layout(dir.path()), 7100).expect("preparing the plan");
-        let grpc: Vec<u16> = plan.controllers.iter().map(|spec| spec.grpc.port()).collect();
+        let grpc: Vec<u16> = plan
+            .controllers
+            .iter()
+            .map(|spec| spec.grpc.port())
+            .collect();
         let metrics: Vec<u16> = plan.agents.iter().map(|spec| spec.metrics.port()).collect();
         assert_eq!(grpc, vec![7101, 7102, 7103]);
         assert_eq!(plan.agents[3].grpc.port(), 7204);
         assert_eq!(plan.controllers[0].metrics.port(), 9101);
         assert_eq!(metrics, vec![9201, 9202, 9203, 9204]);
-        assert_eq!(plan.endpoints(), "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103");
+        assert_eq!(
+            plan.endpoints(),
+            "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
+        );
     }
 
     #[test]
@@ -732,7 +810,11 @@ mod tests {
         let pods: Vec<String> = plan
             .agents
             .iter()
-            .map(|spec| load_config::<AgentConfig>(&spec.config).expect("agent config").pod)
+            .map(|spec| {
+                load_config::<AgentConfig>(&spec.config)
+                    .expect("agent config")
+                    .pod
+            })
             .collect();
         assert_eq!(pods, vec!["pod-a", "pod-a", "pod-b", "pod-b"]);
     }

@@ -16,8 +16,8 @@ use ccs::client::{reason, ZoneConnector};
 use ccs::proto::agent::agent_client::AgentClient;
 use ccs::proto::agent::{LeaderId, ListDomainsRequest, Order, OrderAction};
 use ccs::proto::zone::{
-    AddReplicaRequest, CreateInstanceRequest, Instance, InstanceRef, ReadRequest,
-    RemoveReplicaRequest,
+    AddReplicaRequest, CreateInstanceRequest, GetInstanceRequest, Instance, InstanceRef,
+    ReadRequest, RegisterHostRequest, RemoveReplicaRequest,
 };
 use futures::stream::{self, StreamExt};
 use tokio::sync::watch;
@@ -121,8 +121,8 @@ async fn leader_kill_during_create_burst() {
     });
 
     // Step 3.
-    // The borrow that `wait_for` returns is dropped at once: holding it
-    // would block the burst's `send_modify`.
+    // The borrow that `watch::Receiver::wait_for` returns is dropped at
+    // once, because holding it would block the burst's `send_modify`.
     let reached = tokio::time::timeout(Duration::from_secs(30), acked_rx.wait_for(|n| *n >= 10))
         .await
         .is_ok_and(|result| result.is_ok());
@@ -222,8 +222,8 @@ async fn restarted_follower_catches_up_by_snapshot() {
     wait_all_running(&connector, 105, Duration::from_secs(45)).await;
 
     // Step 4.
-    let what = format!("the leader to purge its log past index {follower_last_index}");
-    wait_for(&what, Duration::from_secs(20), async || {
+    let condition = format!("the leader to purge its log past index {follower_last_index}");
+    wait_for(&condition, Duration::from_secs(20), async || {
         let status = cluster.leader_status().await;
         if status.purged_index > follower_last_index {
             Ok(())
@@ -241,8 +241,8 @@ async fn restarted_follower_catches_up_by_snapshot() {
 
     // Step 6.
     let follower_connector = cluster.connector_for(follower);
-    let what = format!("replica {follower} to serve the leader's state");
-    wait_for(&what, Duration::from_secs(30), async || {
+    let condition = format!("replica {follower} to serve the leader's state");
+    wait_for(&condition, Duration::from_secs(30), async || {
         let fresh = connector
             .call(|mut c| async move { c.list_instances(ReadRequest { stale: false }).await })
             .await
@@ -403,10 +403,10 @@ async fn agent_rejects_order_from_older_leader() {
 /// 2. Create "first" with request id R.
 /// 3. Send R again with the name "first", then with the name "second",
 ///    through each replica in turn: every reply is the first instance.
-/// 4. The zone holds one instance, and "second" is not found.
+/// 4. The zone contains one instance, and "second" is not found.
 /// 5. Delete "first" and wait until it is gone.
 /// 6. Send R again with the name "third": the reply is still the first
-///    instance, and the zone holds no instance.
+///    instance, and the zone contains no instance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_retry_returns_first_instance() {
     let options = ClusterOptions {
@@ -500,7 +500,7 @@ async fn create_retry_returns_first_instance() {
     assert_not_found(&connector, "third").await;
 }
 
-/// A background writer whose creates run until it is told to stop.
+/// A background writer that creates instances until `finish` stops it.
 struct Writer {
     stop: Arc<AtomicBool>,
     acknowledged: Arc<Mutex<Vec<Instance>>>,
@@ -508,7 +508,7 @@ struct Writer {
 }
 
 impl Writer {
-    /// Starts creating instances `bg-0`, `bg-1`, ... one at a time, 50 ms apart.
+    /// Starts creating instances `bg-0`, `bg-1`, ... one at a time, 20 ms apart.
     fn start(connector: ZoneConnector) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let acknowledged = Arc::new(Mutex::new(Vec::new()));
@@ -525,7 +525,7 @@ impl Writer {
                     .expect("lock poisoned")
                     .push(instance);
                 n += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Ok(())
         });
@@ -540,15 +540,16 @@ impl Writer {
         self.acknowledged.lock().expect("lock poisoned").len()
     }
 
-    /// Waits until the writer has `count` acknowledged creates.
-    async fn wait_count(&self, count: usize, during: &str) {
-        let what = format!("{count} background creates acknowledged {during}");
-        wait_for(&what, Duration::from_secs(30), async || {
+    /// Waits until the writer has `more` acknowledged creates beyond those it has now.
+    async fn wait_more(&self, more: usize, during: &str) {
+        let target = self.count() + more;
+        let condition = format!("{more} more background creates acknowledged {during}");
+        wait_for(&condition, Duration::from_secs(30), async || {
             let now = self.count();
-            if now >= count {
+            if now >= target {
                 Ok(())
             } else {
-                Err(format!("{now} acknowledged"))
+                Err(format!("{now} acknowledged, waiting for {target}"))
             }
         })
         .await;
@@ -573,23 +574,24 @@ impl Writer {
 /// creates instances the whole time, and loses none of its writes.
 ///
 /// 1. Start 3 controllers and 2 agents, and a background writer.
-/// 2. Start replicas 4 and 5 with empty bootstrap lists and add them with
-///    AddReplica; the leader's status shows voters 1 to 5.
-/// 3. Remove two of the original replicas that do not lead with
-///    RemoveReplica; the status shows 3 voters, 4 and 5 among them. Kill
-///    the removed processes.
-/// 4. The writer gets 5 more creates acknowledged, which now need replica
-///    4 or 5 for a quorum unless one of them leads.
-/// 5. Stop the writer: every create it had acknowledged exists exactly
+/// 2. Start replica 4 with an empty bootstrap list and add it with
+///    AddReplica. Wait until the leader's status lists it as a voter and
+///    the writer gets 3 more creates acknowledged. Repeat for replica 5.
+/// 3. Remove an original replica that does not lead with RemoveReplica.
+///    Wait until the status no longer lists it, kill its process, and wait
+///    for 3 more acknowledged creates. Repeat for a second one. The last creates need replica 4 or 5 for a quorum,
+///    unless one of them leads.
+/// 4. Stop the writer: every create it had acknowledged exists exactly
 ///    once, and replicas 4 and 5 serve all of them in stale reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_grows_and_shrinks_under_writes() {
     let mut cluster = Cluster::start(ClusterOptions::default()).await;
     let connector = cluster.connector();
     let writer = Writer::start(connector.clone());
-    writer.wait_count(3, "before the membership changes").await;
+    writer.wait_more(3, "before the membership changes").await;
 
     // Step 2.
+    let mut expected_voters: BTreeSet<u64> = (1..=3).collect();
     for id in [4, 5] {
         let addr = cluster.start_extra_controller(id);
         let request = AddReplicaRequest { node_id: id, addr };
@@ -600,9 +602,11 @@ async fn membership_grows_and_shrinks_under_writes() {
             })
             .await
             .unwrap_or_else(|s| panic!("adding replica {id} failed: {s:?}"));
+        expected_voters.insert(id);
+        wait_for_voters(&cluster, &expected_voters).await;
+        let during = format!("with voters {expected_voters:?}");
+        writer.wait_more(3, &during).await;
     }
-    let all: BTreeSet<u64> = (1..=5).collect();
-    wait_for_voters(&cluster, &all).await;
 
     // Step 3.
     let leader = cluster.leader_id().await;
@@ -611,48 +615,38 @@ async fn membership_grows_and_shrinks_under_writes() {
         .filter(|id| *id != leader)
         .take(2)
         .collect();
-    for id in &removed {
-        let request = RemoveReplicaRequest { node_id: *id };
+    for id in removed {
+        let request = RemoveReplicaRequest { node_id: id };
         connector
             .call_until(Duration::from_secs(30), |mut c| async move {
                 c.remove_replica(request).await
             })
             .await
             .unwrap_or_else(|s| panic!("removing replica {id} failed: {s:?}"));
-    }
-    let remaining: BTreeSet<u64> = all
-        .iter()
-        .copied()
-        .filter(|id| !removed.contains(id))
-        .collect();
-    wait_for_voters(&cluster, &remaining).await;
-    for id in &removed {
-        cluster.kill_controller(*id).await;
+        expected_voters.remove(&id);
+        wait_for_voters(&cluster, &expected_voters).await;
+        cluster.kill_controller(id).await;
+        let during = format!("with voters {expected_voters:?}");
+        writer.wait_more(3, &during).await;
     }
 
     // Step 4.
-    let shrunk_at = writer.count();
-    writer
-        .wait_count(shrunk_at + 5, "after the zone shrank to 3 voters")
-        .await;
-
-    // Step 5.
     let acknowledged = writer.finish().await;
     let listed = list_instances(&connector).await;
     assert_acknowledged_exist_once(&acknowledged, &listed);
     let expected: BTreeSet<String> = acknowledged.iter().map(|i| i.id.clone()).collect();
     for id in [4, 5] {
         let replica = cluster.connector_for(id);
-        let what = format!("replica {id} to serve every acknowledged instance");
-        wait_for(&what, Duration::from_secs(20), async || {
+        let condition = format!("replica {id} to serve every acknowledged instance");
+        wait_for(&condition, Duration::from_secs(20), async || {
             let stale = replica
                 .call(|mut c| async move { c.list_instances(ReadRequest { stale: true }).await })
                 .await
                 .map_err(|s| {
                     format!("stale ListInstances failed: {:?} {}", s.code(), s.message())
                 })?;
-            let held: BTreeSet<String> = stale.instances.iter().map(|i| i.id.clone()).collect();
-            let missing = expected.difference(&held).count();
+            let served: BTreeSet<String> = stale.instances.iter().map(|i| i.id.clone()).collect();
+            let missing = expected.difference(&served).count();
             if missing == 0 {
                 Ok(())
             } else {
@@ -668,8 +662,8 @@ async fn membership_grows_and_shrinks_under_writes() {
 
 /// Waits until the leader's status lists exactly `expected` as voters.
 async fn wait_for_voters(cluster: &Cluster, expected: &BTreeSet<u64>) {
-    let what = format!("voters {expected:?}");
-    wait_for(&what, Duration::from_secs(30), async || {
+    let condition = format!("voters {expected:?}");
+    wait_for(&condition, Duration::from_secs(30), async || {
         let status = cluster.leader_status().await;
         let actual = voters(&status);
         if &actual == expected {
@@ -773,7 +767,7 @@ struct RejectedCase {
 /// 1. Start 3 controllers and 1 agent; create the instance "taken".
 /// 2. Send each invalid create of the table below, each with its own
 ///    request id, and check its gRPC code and `ccs-reason`.
-/// 3. The zone still holds only "taken", none of the rejected names exist,
+/// 3. The zone still contains only "taken", none of the rejected names exist,
 ///    and the host's used capacity is that of "taken" alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_creates_are_rejected() {
@@ -783,7 +777,7 @@ async fn invalid_creates_are_rejected() {
     };
     let cluster = Cluster::start(options).await;
     let connector = cluster.connector();
-    let taken = create_with_retry(
+    let existing = create_with_retry(
         &connector,
         &small_instance("taken", "taken-request"),
         CREATE_TIMEOUT,
@@ -875,7 +869,10 @@ async fn invalid_creates_are_rejected() {
     let listed = list_instances(&connector).await;
     let names: Vec<&str> = listed.iter().map(|i| i.name.as_str()).collect();
     assert_eq!(names, ["taken"], "rejected creates left instances behind");
-    assert_eq!(listed[0].id, taken.id, "the instance \"taken\" changed id");
+    assert_eq!(
+        listed[0].id, existing.id,
+        "the instance \"taken\" changed id"
+    );
     for case in cases.iter().filter(|case| case.create.name != "taken") {
         assert_not_found(&connector, &case.create.name).await;
     }
@@ -897,9 +894,89 @@ async fn invalid_creates_are_rejected() {
             )
         })
         .collect();
-    let expected = vec![(taken.vcpus, taken.memory_mib, taken.disk_gib, 1)];
+    let expected = vec![(existing.vcpus, existing.memory_mib, existing.disk_gib, 1)];
     assert_eq!(
         used, expected,
         "rejected creates changed the host's used capacity"
     );
+}
+
+/// A host registered with a malformed agent endpoint does not stop the
+/// leader from driving the other hosts.
+///
+/// 1. Start 3 controllers and 1 agent (host-1).
+/// 2. Register host "bad-endpoint" through RegisterHost with the agent
+///    endpoint "not a host:port".
+/// 3. Create "on-bad-host" and then "on-good-host". Spread placement puts
+///    the first on "bad-endpoint", whose id sorts first, and the second on
+///    host-1.
+/// 4. "on-good-host" reaches "running": the leader still sends orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_agent_endpoint_spares_others() {
+    let options = ClusterOptions {
+        agents: 1,
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(options).await;
+    let connector = cluster.connector();
+
+    // Step 2.
+    let register = RegisterHostRequest {
+        host_id: "bad-endpoint".to_string(),
+        pod: POD.to_string(),
+        libvirt_uri: "test:///default".to_string(),
+        agent_endpoint: "not a host:port".to_string(),
+        cpus: 32,
+        memory_mib: 131_072,
+        disk_gib: 1_000,
+        boot_id: 1,
+    };
+    let registered = connector
+        .call_until(START_TIMEOUT, |mut c| {
+            let register = register.clone();
+            async move { c.register_host(register).await }
+        })
+        .await;
+    if let Err(status) = registered {
+        // Rejecting the endpoint at registration is a valid fix as well.
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "wrong status: {status:?}"
+        );
+    }
+
+    // Step 3.
+    for name in ["on-bad-host", "on-good-host"] {
+        let request = small_instance(name, &format!("{name}-request"));
+        create_with_retry(&connector, &request, CREATE_TIMEOUT)
+            .await
+            .unwrap_or_else(|s| panic!("creating {name:?} failed: {s:?}"));
+    }
+
+    // Step 4.
+    wait_for(
+        "\"on-good-host\" to run",
+        Duration::from_secs(20),
+        async || {
+            let request = GetInstanceRequest {
+                name: "on-good-host".to_string(),
+                stale: false,
+            };
+            let reply = connector
+                .call(|mut c| {
+                    let request = request.clone();
+                    async move { c.get_instance(request).await }
+                })
+                .await
+                .map_err(|s| format!("GetInstance failed: {:?} {}", s.code(), s.message()))?;
+            let instance = reply.instance.unwrap_or_default();
+            if instance.observed_state == "running" {
+                Ok(())
+            } else {
+                Err(format!("{instance:?}"))
+            }
+        },
+    )
+    .await;
 }

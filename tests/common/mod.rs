@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tonic::{Code, Status};
 
 pub const ZONE: &str = "test-zone";
-/// The one pod of every test cluster; all agents register in it.
+/// The one pod of every test cluster. All agents register in it.
 pub const POD: &str = "pod-a";
 /// Per-call timeout of the connectors the tests use. It is above the
 /// controller's 8 s write timeout, so a slow commit comes back as the
@@ -161,7 +161,7 @@ impl Process {
         self.child.is_some() && !self.killed
     }
 
-    /// How the process ended, or "running".
+    /// Returns how the process ended, or "running" while it runs.
     fn describe_exit(&mut self) -> String {
         let Some(child) = self.child.as_mut() else {
             return "not started".to_string();
@@ -390,13 +390,13 @@ impl Cluster {
         self.dir.path()
     }
 
-    /// A connector over every controller the cluster has started, live or not.
+    /// Builds a connector over every controller the cluster has started, live or not.
     pub fn connector(&self) -> ZoneConnector {
         let endpoints: Vec<String> = self.controllers.values().map(|c| c.addr.clone()).collect();
         ZoneConnector::new(&endpoints.join(","), CALL_TIMEOUT).expect("endpoint list is not empty")
     }
 
-    /// A connector that reaches only controller `id`.
+    /// Builds a connector that reaches only controller `id`.
     pub fn connector_for(&self, id: u64) -> ZoneConnector {
         ZoneConnector::new(&self.controller(id).addr, CALL_TIMEOUT)
             .expect("endpoint list is not empty")
@@ -444,8 +444,8 @@ impl Cluster {
 
     /// Waits for a leader and returns the zone status as the leader reports it.
     ///
-    /// A replica forwards ZoneStatus to the leader it knows, so only a reply
-    /// from replica X that names X as leader proves X leads.
+    /// A replica forwards ZoneStatus to the leader it has learned of, so only
+    /// a reply from replica X that names X as leader proves that X leads.
     pub async fn leader_status(&self) -> ZoneStatusReply {
         wait_for(
             "a live controller to lead the zone",
@@ -507,8 +507,8 @@ impl Cluster {
             .unwrap_or_else(|| panic!("the cluster has no agent for host {host}"))
     }
 
-    /// Reads a counter or gauge from controller `id`'s `/metrics`; `None`
-    /// when the metric has not been recorded yet.
+    /// Reads a counter or gauge from controller `id`'s `/metrics`. Returns
+    /// `None` when the metric has not been recorded yet.
     pub async fn controller_metric(&self, id: u64, name: &str) -> Option<f64> {
         let text = http_get(self.controller(id).metrics_addr, "/metrics").await;
         text.lines()
@@ -585,10 +585,10 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
 }
 
 /// Calls `check` every 100 ms until it returns `Ok`, and panics once
-/// `timeout` has passed, naming `what` it waited for and the last state
-/// `check` described in its `Err`.
+/// `timeout` has passed, naming the `condition` it waited for and the last
+/// state `check` described in its `Err`.
 pub async fn wait_for<T>(
-    what: &str,
+    condition: &str,
     timeout: Duration,
     mut check: impl AsyncFnMut() -> Result<T, String>,
 ) -> T {
@@ -603,13 +603,13 @@ pub async fn wait_for<T>(
             Err(_) => format!("the check itself did not return within {budget:?}"),
         };
         if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}; last state: {last}");
+            panic!("timed out after {timeout:?} waiting for {condition}; last state: {last}");
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 
-/// A create request for a 1-vCPU, 128 MiB, 1 GiB instance in any pod.
+/// Builds a create request for a 1-vCPU, 128 MiB, 1 GiB instance in any pod.
 pub fn small_instance(name: &str, request_id: &str) -> CreateInstanceRequest {
     CreateInstanceRequest {
         name: name.to_string(),
@@ -621,7 +621,7 @@ pub fn small_instance(name: &str, request_id: &str) -> CreateInstanceRequest {
     }
 }
 
-/// Whether a create that failed with `status` may be retried with the same
+/// Returns whether a create that failed with `status` may be retried with the same
 /// request id: the zone had no leader, or the write may have happened.
 pub fn is_retryable(status: &Status) -> bool {
     matches!(
@@ -667,7 +667,7 @@ pub async fn list_instances(connector: &ZoneConnector) -> Vec<Instance> {
     list.instances
 }
 
-/// The domains libvirt has on `host`, as the host's agent lists them.
+/// Lists the domains libvirt has on `host`, through the host's agent.
 pub async fn host_domains(
     connector: &ZoneConnector,
     host: &str,
@@ -689,8 +689,8 @@ pub async fn wait_all_running(
     expected: usize,
     timeout: Duration,
 ) -> Vec<Instance> {
-    let what = format!("{expected} instances to be running");
-    wait_for(&what, timeout, async || {
+    let condition = format!("{expected} instances to be running");
+    wait_for(&condition, timeout, async || {
         let list = connector
             .call(|mut c| async move { c.list_instances(ReadRequest { stale: false }).await })
             .await
@@ -744,7 +744,7 @@ pub fn numbered_requests(prefix: &str, count: usize) -> Vec<CreateInstanceReques
 }
 
 /// Checks that every acknowledged instance exists exactly once in `listed`,
-/// by name and by id, and that `listed` holds nothing else.
+/// by name and by id, and that `listed` contains nothing else.
 pub fn assert_acknowledged_exist_once(acknowledged: &[Instance], listed: &[Instance]) {
     for instance in acknowledged {
         let by_name: Vec<&Instance> = listed.iter().filter(|i| i.name == instance.name).collect();
@@ -778,7 +778,7 @@ pub fn assert_acknowledged_exist_once(acknowledged: &[Instance], listed: &[Insta
     );
 }
 
-/// The voter ids in a zone status.
+/// Returns the voter ids in a zone status.
 pub fn voters(status: &ZoneStatusReply) -> BTreeSet<u64> {
     status
         .replicas
