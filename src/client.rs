@@ -40,7 +40,10 @@ fn leader_hint(status: &tonic::Status) -> Option<String> {
 fn try_elsewhere(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
     )
 }
 

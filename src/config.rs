@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -193,7 +193,13 @@ impl ControllerConfig {
         )?;
         if !self.bootstrap.is_empty() {
             let listed = self.bootstrap.iter().any(|m| m.id == self.node_id);
-            check.require(listed, "bootstrap", self.node_id, "must list this replica's node_id")?;
+            let ids: Vec<u64> = self.bootstrap.iter().map(|m| m.id).collect();
+            check.require(
+                listed,
+                "bootstrap",
+                format!("ids {ids:?}"),
+                "must list this replica's node_id, or be empty for a replica added later",
+            )?;
             let mut ids: Vec<u64> = self.bootstrap.iter().map(|m| m.id).collect();
             ids.sort_unstable();
             ids.dedup();

@@ -117,6 +117,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         println!("creating a new zone in {}", layout.root.display());
     }
     let plan = CloudPlan::prepare(&layout, options.base_port)?;
+    plan.check_ports_free()?;
     let mut signals = ShutdownSignals::install()?;
     let mut cloud = Cloud::default();
 
@@ -404,6 +405,24 @@ impl CloudPlan {
             controllers,
             agents,
         })
+    }
+
+    /// Fails, naming the address, if any port of the plan is in use, so that
+    /// the demo never talks to a cloud that another process started.
+    fn check_ports_free(&self) -> anyhow::Result<()> {
+        for spec in self.controllers.iter().chain(&self.agents) {
+            for addr in [spec.grpc, spec.metrics] {
+                if let Err(e) = std::net::TcpListener::bind(addr) {
+                    bail!(
+                        "{addr} for {} {} is not free ({e}); stop the process using it, \
+                         or start this cloud on other ports with --base-port",
+                        spec.role.as_str(),
+                        spec.id
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Returns the controllers' addresses, comma-separated as CCS_ENDPOINT takes them.

@@ -53,7 +53,7 @@ enum Command {
         #[arg(long, env = "CCS_TRACE", default_value = "../shared/data/azure-2017-vms/requests.csv")]
         trace: PathBuf,
         /// Time compression of the trace replay.
-        #[arg(long, default_value_t = 600.0)]
+        #[arg(long, default_value_t = ccs::demo::DEFAULT_SPEEDUP)]
         speedup: f64,
     },
     /// Create, list, show and delete instances.

@@ -26,9 +26,16 @@ pub fn init_tracing(json: bool) {
 /// A check that returns whether the process is ready to serve, or why not.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// Binds the metrics address, naming it in the error when it is taken.
+pub async fn bind(addr: SocketAddr, purpose: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {purpose}: {e}"))
+}
+
 /// Installs the Prometheus recorder and serves `/metrics` and `/readyz` on
-/// `addr` until the process exits.
-pub async fn serve_metrics(addr: SocketAddr, ready: Readiness) -> std::io::Result<()> {
+/// `listener` until the process exits.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, ready: Readiness) -> std::io::Result<()> {
     let handle = PrometheusBuilder::new()
         .set_buckets(&[
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -48,7 +55,7 @@ pub async fn serve_metrics(addr: SocketAddr, ready: Readiness) -> std::io::Resul
                 std::future::ready(answer)
             }),
         );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
     tracing::info!(%addr, "serving metrics and readiness");
     axum::serve(listener, app).await
 }

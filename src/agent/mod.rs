@@ -248,10 +248,11 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
             Err("not registered with the zone yet".to_string())
         }
     });
-    let metrics_listen = config.metrics_listen;
+    let grpc_listener = crate::telemetry::bind(config.listen, "the agent API").await?;
+    let metrics_listener = crate::telemetry::bind(config.metrics_listen, "metrics").await?;
     tokio::spawn(
         async move {
-            if let Err(e) = crate::telemetry::serve_metrics(metrics_listen, readiness).await {
+            if let Err(e) = crate::telemetry::serve_metrics(metrics_listener, readiness).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         }
@@ -272,7 +273,10 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
     };
     let server = tonic::transport::Server::builder()
         .add_service(AgentServer::from_arc(service.clone()))
-        .serve_with_shutdown(config.listen, crate::controller::shutdown_signal());
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            crate::controller::shutdown_signal(),
+        );
     tracing::info!(listen = %config.listen, uri = %config.libvirt_uri, "agent serving");
     let heartbeat_period = config.heartbeat_interval;
     tokio::spawn(

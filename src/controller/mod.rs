@@ -94,8 +94,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
 }
 
 async fn serve(config: ControllerConfig) -> anyhow::Result<()> {
+    // Bind both ports before touching the Raft log, so that a taken port
+    // stops the replica before it initializes or campaigns.
+    let grpc_listener = crate::telemetry::bind(config.listen, "the zone API").await?;
+    let metrics_listener = crate::telemetry::bind(config.metrics_listen, "metrics").await?;
     let listen = config.listen;
-    let metrics_listen = config.metrics_listen;
     let (node, state_machine) = open_node(config).await?;
     let zone = Arc::new(Zone::new(node.clone()));
 
@@ -106,7 +109,7 @@ async fn serve(config: ControllerConfig) -> anyhow::Result<()> {
     });
     tokio::spawn(
         async move {
-            if let Err(e) = crate::telemetry::serve_metrics(metrics_listen, readiness).await {
+            if let Err(e) = crate::telemetry::serve_metrics(metrics_listener, readiness).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         }
@@ -122,7 +125,10 @@ async fn serve(config: ControllerConfig) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .add_service(transport)
         .add_service(api)
-        .serve_with_shutdown(listen, shutdown_signal())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            shutdown_signal(),
+        )
         .await?;
     tracing::info!("shutting down");
     node.raft.shutdown().await.ok();

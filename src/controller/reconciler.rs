@@ -124,21 +124,30 @@ impl Reconciler {
             if host.health != HostHealth::Up {
                 continue;
             }
-            let client = self.agent(&host.agent_endpoint);
+            let Some(client) = self.agent(&host.agent_endpoint) else {
+                continue;
+            };
             self.spawn_order(instance, work, client);
         }
         Ok(())
     }
 
-    fn agent(&mut self, endpoint: &str) -> AgentClient<Channel> {
+    /// Returns a client for an agent, or `None` (logged) when its endpoint
+    /// is not a valid address, so that one bad host does not stop the others.
+    fn agent(&mut self, endpoint: &str) -> Option<AgentClient<Channel>> {
         if let Some(client) = self.agents.get(endpoint) {
-            return client.clone();
+            return Some(client.clone());
         }
-        let channel = crate::client::channel(endpoint, ORDER_TIMEOUT)
-            .expect("host endpoints are validated at registration");
+        let channel = match crate::client::channel(endpoint, ORDER_TIMEOUT) {
+            Ok(channel) => channel,
+            Err(status) => {
+                tracing::warn!(endpoint, message = status.message(), "skipping host with invalid agent endpoint");
+                return None;
+            }
+        };
         let client = AgentClient::new(channel);
         self.agents.insert(endpoint.to_string(), client.clone());
-        client
+        Some(client)
     }
 
     fn spawn_order(&mut self, instance: Instance, work: Work, client: AgentClient<Channel>) {

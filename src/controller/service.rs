@@ -349,6 +349,10 @@ impl zone_server::Zone for ZoneService {
         write!(self, request, register_host);
         let message = request.into_inner();
         ops::validate_name("host_id", &message.host_id)?;
+        if crate::client::channel(&message.agent_endpoint, Duration::from_secs(1)).is_err() {
+            let reason = "use host:port where the zone leader can reach the agent";
+            return Err(ApiError::invalid("agent_endpoint", &message.agent_endpoint, reason).into());
+        }
         let command = Command::RegisterHost {
             id: message.host_id,
             pod: message.pod,

@@ -5,7 +5,8 @@
 //! Each test owns its `Cluster`, so tests run in parallel. Dropping the
 //! cluster kills every process it started. When the test is panicking, the
 //! drop first prints how each process ended and the end of its log, so a
-//! failed assertion comes with what the zone was doing.
+//! failed assertion comes with what the zone was doing. Set
+//! `CCS_KEEP_TEST_DIR=1` to keep a failed test's directory and full logs.
 
 // Each test binary that includes this module uses a different part of it.
 #![allow(dead_code)]
@@ -41,6 +42,9 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Lines of each process log printed when a test fails.
 const LOG_TAIL_LINES: usize = 40;
+/// Environment variable that keeps a failed test's directory, with every
+/// config, database and full log, instead of removing it.
+const KEEP_DIR_VARIABLE: &str = "CCS_KEEP_TEST_DIR";
 /// Each test host: 32 CPUs and 128 GiB of memory (the test driver counts memory in KiB).
 const HOST_XML: &str = "<node><cpu><mhz>2600</mhz><model>x86_64</model><active>32</active>\
 <max>32</max><nodes>1</nodes><sockets>2</sockets><cores>8</cores><threads>2</threads></cpu>\
@@ -544,6 +548,13 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.print_failure_report();
+            if std::env::var_os(KEEP_DIR_VARIABLE).is_some() {
+                self.dir.disable_cleanup(true);
+                eprintln!(
+                    "kept {} because {KEEP_DIR_VARIABLE} is set",
+                    self.dir.path().display()
+                );
+            }
         }
         for controller in self.controllers.values_mut() {
             controller.process.kill_now();
