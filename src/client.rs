@@ -26,7 +26,7 @@ pub struct ZoneConnector {
     timeout: Duration,
 }
 
-/// The reason code of an error status, if the server attached one.
+/// Returns the reason code of an error status, if the server attached one.
 pub fn reason(status: &tonic::Status) -> Option<&str> {
     status.metadata().get(REASON_KEY).and_then(|v| v.to_str().ok())
 }
@@ -36,7 +36,7 @@ fn leader_hint(status: &tonic::Status) -> Option<String> {
     (!hint.is_empty()).then(|| hint.to_string())
 }
 
-/// Whether another controller may answer where this one could not.
+/// Returns whether another controller may serve a call that this one failed.
 fn try_elsewhere(status: &tonic::Status) -> bool {
     matches!(
         status.code(),

@@ -432,15 +432,7 @@ async fn create_vm(replay: &Replay, name: &str, vm: &TraceVm) -> CreateOutcome {
             CreateOutcome::RejectedForCapacity
         }
         Err(status) => {
-            if replay.progress.failures() < MAX_LOGGED_PROBLEMS {
-                tracing::warn!(
-                    instance = name,
-                    code = ?status.code(),
-                    reason = reason(&status),
-                    message = status.message(),
-                    "demo create failed"
-                );
-            }
+            log_failure(replay, name, &status, "create");
             CreateOutcome::Failed
         }
     }
@@ -467,17 +459,23 @@ async fn delete_vm(replay: &Replay, name: &str) -> DeleteOutcome {
         // A retry that finds nothing means an earlier attempt deleted it.
         Err(status) if status.code() == Code::NotFound && attempts > 1 => DeleteOutcome::Deleted,
         Err(status) => {
-            if replay.progress.failures() < MAX_LOGGED_PROBLEMS {
-                tracing::warn!(
-                    instance = name,
-                    code = ?status.code(),
-                    reason = reason(&status),
-                    message = status.message(),
-                    "demo delete failed"
-                );
-            }
+            log_failure(replay, name, &status, "delete");
             DeleteOutcome::Failed
         }
+    }
+}
+
+/// Logs a failed demo request, up to `MAX_LOGGED_PROBLEMS` of them.
+fn log_failure(replay: &Replay, name: &str, status: &tonic::Status, operation: &'static str) {
+    if replay.progress.failures() < MAX_LOGGED_PROBLEMS {
+        tracing::warn!(
+            instance = name,
+            operation,
+            code = ?status.code(),
+            reason = reason(status),
+            message = status.message(),
+            "demo request failed"
+        );
     }
 }
 

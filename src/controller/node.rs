@@ -18,7 +18,7 @@ use crate::store::db::{self, DbError, CF_HOSTS, CF_INSTANCES, CF_JOURNAL, CF_NAM
 use crate::zone::command::{Command, CommandResult};
 use crate::zone::model::{Host, Instance, JournalEntry, LeaderStamp, Pod};
 
-/// How long a proposal may wait for commit before the caller is told it is indeterminate.
+/// How long a proposal may wait for commit before the caller gets an indeterminate result.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(8);
 /// How long a linearizable read may wait for the leader to confirm itself.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,7 +44,7 @@ impl Node {
         self.raft.metrics().borrow().state == ServerState::Leader
     }
 
-    /// The leader's id and address, as this replica knows them.
+    /// Returns the leader's id and address, as this replica last learned them.
     pub fn leader(&self) -> Option<(NodeId, String)> {
         let metrics = self.raft.metrics().borrow().clone();
         let leader = metrics.current_leader?;

@@ -33,7 +33,7 @@ pub struct CreateInstance {
     pub request_id: Option<String>,
 }
 
-/// What the leader knows of each host between heartbeats.
+/// The leader's record of each host's liveness between heartbeats.
 #[derive(Debug)]
 pub struct HostLiveness {
     pub last_heartbeat: Instant,

@@ -47,7 +47,7 @@ pub struct Reconciler {
     agents: HashMap<String, AgentClient<Channel>>,
 }
 
-/// The action an instance's domain needs, if any, ignoring open orders.
+/// Returns the action an instance's domain needs, if any, ignoring open orders.
 fn needed_action(instance: &Instance) -> Option<OrderAction> {
     match instance.desired {
         DesiredState::Deleted => Some(OrderAction::Destroy),

@@ -5,7 +5,7 @@ use crate::proto::zone::{Replica, ZoneStatusReply};
 
 use super::node::Node;
 
-/// Computes the commit index as the leader sees it: the highest log index
+/// Computes the commit index from the leader's replication state: the highest log index
 /// that a majority of voters have. Returns 0 when this replica is not the leader.
 fn leader_commit_index(node: &Node) -> u64 {
     let metrics = node.raft.metrics().borrow().clone();

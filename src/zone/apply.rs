@@ -377,7 +377,7 @@ fn remove_instance(txn: &mut Txn, instance: &Instance) -> Result<(), DbError> {
     txn.delete(CF_NAMES, instance.name.as_bytes());
     txn.delete(CF_INSTANCES, instance.id.as_bytes());
     // The request id keeps its record so that a late retry of the create
-    // is answered with the first result, not applied as a new instance.
+    // returns the first result, not applied as a new instance.
     Ok(())
 }
 

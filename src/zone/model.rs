@@ -199,7 +199,7 @@ pub enum OrderOutcome {
     Failed { error: String },
     /// The agent had accepted a newer leader and refused this order.
     Fenced,
-    /// Closed without an answer because a newer order replaced it.
+    /// Closed without a reply because a newer order replaced it.
     Superseded,
 }
 
