@@ -102,6 +102,29 @@ pub enum PodCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Print a zone key's value.
+    Get {
+        key: String,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Set a zone key.
+    Put { key: String, value: String },
+    /// Set a zone key only if it holds the expected value.
+    Cas {
+        key: String,
+        value: String,
+        /// The value the key must hold now.
+        #[arg(long, required_unless_present = "absent", conflicts_with = "absent")]
+        expected: Option<String>,
+        /// Require that the key does not exist yet.
+        #[arg(long)]
+        absent: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum ZoneCommand {
     /// Show replicas, leader, term, commit and applied index, and lag.
     Status {
@@ -411,6 +434,62 @@ pub async fn pod(connector: &ZoneConnector, command: PodCommand) -> Result<(), C
                     note_staleness(&list.read);
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+pub async fn key(connector: &ZoneConnector, command: KeyCommand) -> Result<(), CallError> {
+    match command {
+        KeyCommand::Get { key, read } => {
+            let request = GetKeyRequest { key, stale: read.stale };
+            let reply = connector
+                .call_until(RETRY_WINDOW, |mut c| {
+                    let r = request.clone();
+                    async move { c.get_key(r).await }
+                })
+                .await
+                .map_err(CallError)?;
+            match read.output {
+                Output::Json => print_json(&json!({
+                    "key": reply.key, "found": reply.found, "value": reply.value,
+                    "modified_index": reply.modified_index, "read": read_json(&reply.read),
+                })),
+                Output::Table if reply.found => println!("{}", reply.value),
+                Output::Table => {
+                    let message = format!("key {:?} not found", reply.key);
+                    return Err(CallError(tonic::Status::not_found(message)));
+                }
+            }
+            if matches!(read.output, Output::Table) {
+                note_staleness(&reply.read);
+            }
+        }
+        KeyCommand::Put { key, value } => {
+            let request = PutKeyRequest { key, value };
+            // A put is idempotent, so retrying one that may have been applied is safe.
+            let reply = connector
+                .call_until(RETRY_WINDOW, |mut c| {
+                    let r = request.clone();
+                    async move { c.put_key(r).await }
+                })
+                .await
+                .map_err(CallError)?;
+            println!("set {} at index {}", reply.key, reply.modified_index);
+        }
+        KeyCommand::Cas { key, value, expected, absent } => {
+            let expected = if absent { None } else { expected };
+            let request = CompareAndSwapKeyRequest { key, expected, value };
+            // Not retried after an indeterminate error: a second attempt
+            // would compare against this attempt's own write.
+            let reply = connector
+                .call(|mut c| {
+                    let r = request.clone();
+                    async move { c.compare_and_swap_key(r).await }
+                })
+                .await
+                .map_err(CallError)?;
+            println!("set {} at index {}", reply.key, reply.modified_index);
         }
     }
     Ok(())

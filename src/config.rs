@@ -97,6 +97,27 @@ pub struct ControllerConfig {
     /// Log as JSON lines instead of text. Default false.
     #[serde(default)]
     pub log_json: bool,
+    /// Switches that break safety on purpose, so that verification runs can
+    /// show they catch the break. Never set them on a real zone.
+    #[serde(default)]
+    pub unsafe_canary: ControllerCanary,
+}
+
+/// Safety breaks of a controller, all off by default.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerCanary {
+    /// Acknowledge Raft log appends without syncing the write-ahead log.
+    pub skip_fsync: bool,
+    /// Serve linearizable reads from the local state machine, without
+    /// confirming leadership through a read index.
+    pub local_reads: bool,
+}
+
+impl ControllerCanary {
+    pub fn any(&self) -> bool {
+        self.skip_fsync || self.local_reads
+    }
 }
 
 fn default_host_timeout() -> Duration {
@@ -131,6 +152,20 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     #[serde(default)]
     pub log_json: bool,
+    /// File the agent appends one JSON line to per executed order. Default: none.
+    #[serde(default)]
+    pub ledger: Option<PathBuf>,
+    /// Switches that break safety on purpose, for verification runs only.
+    #[serde(default)]
+    pub unsafe_canary: AgentCanary,
+}
+
+/// Safety breaks of an agent, all off by default.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentCanary {
+    /// Execute orders from any leader, even one older than a leader already obeyed.
+    pub skip_fencing: bool,
 }
 
 fn default_heartbeat() -> Duration {

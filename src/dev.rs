@@ -484,6 +484,7 @@ fn controller_config(layout: &Layout, ports: &Ports, n: u16) -> ControllerConfig
         raft: RaftTuning::default(),
         host_timeout: Duration::from_secs(5),
         log_json: false,
+        unsafe_canary: Default::default(),
     }
 }
 
@@ -513,6 +514,8 @@ fn agent_config(
         controllers,
         heartbeat_interval: Duration::from_secs(1),
         log_json: false,
+        ledger: None,
+        unsafe_canary: Default::default(),
     })
 }
 

@@ -65,6 +65,9 @@ enum Command {
     /// Create and list pods.
     #[command(subcommand)]
     Pod(cli::PodCommand),
+    /// Read and write zone keys: small metadata values, linearizable.
+    #[command(subcommand)]
+    Key(cli::KeyCommand),
     /// Zone status and membership.
     #[command(subcommand)]
     Zone(cli::ZoneCommand),
@@ -102,6 +105,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Host(command) => cli::host(&connect()?, command).await?,
         Command::Pod(command) => cli::pod(&connect()?, command).await?,
         Command::Zone(command) => cli::zone(&connect()?, command).await?,
+        Command::Key(command) => cli::key(&connect()?, command).await?,
         Command::Bench(command) => ccs::bench::run(&connect()?, command).await?,
     }
     Ok(ExitCode::SUCCESS)

@@ -980,3 +980,97 @@ async fn malformed_agent_endpoint_spares_others() {
     )
     .await;
 }
+
+/// Zone keys: put, linearizable get on a follower, compare-and-swap with a
+/// matching and a mismatched expectation, and creation only when absent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zone_keys_compare_and_swap() {
+    use ccs::proto::zone::{CompareAndSwapKeyRequest, GetKeyRequest, PutKeyRequest};
+    let options = ClusterOptions {
+        agents: 0,
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(options).await;
+    let connector = cluster.connector();
+    let leader = cluster.leader_id().await;
+    let follower = *cluster.live_controllers().iter().find(|id| **id != leader).expect("a follower");
+
+    let put = PutKeyRequest { key: "owner".into(), value: "alice".into() };
+    let written = connector
+        .call_until(Duration::from_secs(20), |mut c| {
+            let r = put.clone();
+            async move { c.put_key(r).await }
+        })
+        .await
+        .expect("put owner");
+    assert!(written.modified_index > 0, "a put reports its log index");
+
+    // A follower forwards the read to the leader, so it sees the put at once.
+    let get = GetKeyRequest { key: "owner".into(), stale: false };
+    let read = cluster
+        .connector_for(follower)
+        .call(|mut c| {
+            let r = get.clone();
+            async move { c.get_key(r).await }
+        })
+        .await
+        .expect("get owner on a follower");
+    assert!(read.found);
+    assert_eq!(read.value, "alice");
+    assert_eq!(read.modified_index, written.modified_index);
+
+    let swap = |expected: Option<&str>, value: &str| CompareAndSwapKeyRequest {
+        key: "owner".into(),
+        expected: expected.map(str::to_string),
+        value: value.into(),
+    };
+    let swapped = connector
+        .call(|mut c| async move { c.compare_and_swap_key(swap(Some("alice"), "bob")).await })
+        .await
+        .expect("swap alice for bob");
+    assert_eq!(swapped.value, "bob");
+
+    let stale = connector
+        .call(|mut c| async move { c.compare_and_swap_key(swap(Some("alice"), "carol")).await })
+        .await
+        .expect_err("a swap expecting the old value fails");
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&stale), Some("CAS_MISMATCH"));
+    assert!(stale.message().contains("\"bob\""), "message names the value held: {}", stale.message());
+
+    let exists = connector
+        .call(|mut c| async move { c.compare_and_swap_key(swap(None, "dave")).await })
+        .await
+        .expect_err("create-if-absent fails on an existing key");
+    assert_eq!(reason(&exists), Some("CAS_MISMATCH"));
+
+    let fresh = CompareAndSwapKeyRequest { key: "new".into(), expected: None, value: "1".into() };
+    let created = connector
+        .call(|mut c| {
+            let r = fresh.clone();
+            async move { c.compare_and_swap_key(r).await }
+        })
+        .await
+        .expect("create-if-absent on a new key");
+    assert_eq!(created.value, "1");
+
+    let missing = GetKeyRequest { key: "never-written".into(), stale: false };
+    let absent = connector
+        .call(|mut c| {
+            let r = missing.clone();
+            async move { c.get_key(r).await }
+        })
+        .await
+        .expect("get a missing key");
+    assert!(!absent.found);
+
+    let empty = PutKeyRequest { key: String::new(), value: "x".into() };
+    let invalid = connector
+        .call(|mut c| {
+            let r = empty.clone();
+            async move { c.put_key(r).await }
+        })
+        .await
+        .expect_err("an empty key is invalid");
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+}

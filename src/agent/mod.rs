@@ -7,6 +7,7 @@
 //! and outcome, which makes the log a ledger of side effects.
 
 pub mod fence;
+pub mod ledger;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,12 +25,17 @@ use crate::proto::agent::{Domain, DomainList, ListDomainsRequest, Order, OrderAc
 use crate::proto::zone::{HeartbeatRequest, HostDomain, RegisterHostRequest};
 use crate::zone::model::LeaderStamp;
 use fence::{Fence, FenceError};
+use ledger::{Ledger, LedgerEntry};
 
 pub struct AgentService {
     host_id: String,
     zone: String,
     hypervisor: Arc<dyn Hypervisor>,
     fence: Arc<Fence>,
+    /// Record of executed orders, when the config names a ledger file.
+    ledger: Option<Ledger>,
+    /// The `skip_fencing` canary: execute orders from stale leaders too.
+    skip_fencing: bool,
 }
 
 impl AgentService {
@@ -39,7 +45,21 @@ impl AgentService {
             zone,
             hypervisor,
             fence,
+            ledger: None,
+            skip_fencing: false,
         }
+    }
+
+    /// Appends every executed order to `ledger`.
+    pub fn with_ledger(mut self, ledger: Ledger) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// Turns fencing off, which breaks safety on purpose. For canary runs only.
+    pub fn with_fencing_skipped(mut self, skip: bool) -> Self {
+        self.skip_fencing = skip;
+        self
     }
 
     async fn list(&self) -> Result<Vec<Domain>, Status> {
@@ -78,8 +98,13 @@ impl Agent for AgentService {
             term: leader.term,
             node_id: leader.node_id,
         };
+        let accepted_before = self.fence.accepted().await;
         let guard = match self.fence.admit(stamp).await {
-            Ok(guard) => guard,
+            Ok(guard) => Some(guard),
+            Err(FenceError::Stale { .. }) if self.skip_fencing => {
+                tracing::warn!(order_id = order.order_id, term = stamp.term, leader = stamp.node_id, "executing order from stale leader: fencing is off (canary)");
+                None
+            }
             Err(error @ FenceError::Stale { .. }) => {
                 tracing::warn!(order_id = order.order_id, term = stamp.term, leader = stamp.node_id, %error, "rejected order from stale leader");
                 metrics::counter!("ccs_agent_orders_total", "outcome" => "fenced").increment(1);
@@ -111,6 +136,19 @@ impl Agent for AgentService {
         match outcome {
             Ok((before, after)) => {
                 let already_done = before == after;
+                if let Some(ledger) = &self.ledger {
+                    ledger.record(&LedgerEntry {
+                        time_unix_ns: unix_time_ns(),
+                        host_id: self.host_id.clone(),
+                        order_id: order.order_id,
+                        leader: stamp,
+                        accepted_before,
+                        instance_id: order.instance_id.clone(),
+                        action: action.as_str_name().to_ascii_lowercase(),
+                        before: before.as_str().to_string(),
+                        after: after.as_str().to_string(),
+                    });
+                }
                 tracing::info!(
                     order_id = order.order_id, term = stamp.term, leader = stamp.node_id,
                     instance_id = %order.instance_id, action = action.as_str_name(),
@@ -140,11 +178,15 @@ impl Agent for AgentService {
     }
 }
 
-/// Returns a value that differs at every agent start: nanoseconds since the epoch.
-fn new_boot_id() -> u64 {
+fn unix_time_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64)
+}
+
+/// Returns a value that differs at every agent start: nanoseconds since the epoch.
+fn new_boot_id() -> u64 {
+    unix_time_ns()
 }
 
 /// Registers the host, retrying until the zone accepts it.
@@ -232,12 +274,16 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || hypervisor.capacity()).await??
     };
     let fence = Arc::new(Fence::open(&config.data_dir)?);
-    let service = Arc::new(AgentService::new(
-        config.host_id.clone(),
-        config.zone.clone(),
-        hypervisor,
-        fence,
-    ));
+    let mut service = AgentService::new(config.host_id.clone(), config.zone.clone(), hypervisor, fence)
+        .with_fencing_skipped(config.unsafe_canary.skip_fencing);
+    if config.unsafe_canary.skip_fencing {
+        tracing::warn!("UNSAFE CANARY ON: fencing is off; never use it on a real host");
+    }
+    if let Some(path) = &config.ledger {
+        let ledger = Ledger::open(path).with_context(|| format!("opening ledger {}", path.display()))?;
+        service = service.with_ledger(ledger);
+    }
+    let service = Arc::new(service);
 
     let registered = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ready_flag = registered.clone();

@@ -10,6 +10,7 @@
 //! | NAME_TAKEN, POD_EXISTS | ALREADY_EXISTS | no                          |
 //! | NO_CAPACITY       | RESOURCE_EXHAUSTED  | no                          |
 //! | CONFLICT          | ABORTED             | no                          |
+//! | CAS_MISMATCH      | FAILED_PRECONDITION | no                          |
 //! | NOT_LEADER        | UNAVAILABLE         | no (refused before proposing; `ccs-leader` names the leader) |
 //! | NO_LEADER         | UNAVAILABLE         | no                          |
 //! | HOST_UNREACHABLE  | UNAVAILABLE         | no (reads only)             |
@@ -102,6 +103,7 @@ fn rejection_code(rejection: &Rejection) -> (tonic::Code, &'static str) {
         Rejection::UnknownInstance(_) => (Code::NotFound, "INSTANCE_NOT_FOUND"),
         Rejection::HostFull { .. } | Rejection::HostNotUp(_) => (Code::Aborted, "CONFLICT"),
         Rejection::HostPodMismatch { .. } => (Code::FailedPrecondition, "HOST_POD_MISMATCH"),
+        Rejection::KeyMismatch { .. } => (Code::FailedPrecondition, "CAS_MISMATCH"),
         Rejection::UnknownOrder(_)
         | Rejection::OrderClosed(_)
         | Rejection::OrderOpen { .. }

@@ -50,7 +50,12 @@ pub async fn open_node(config: ControllerConfig) -> anyhow::Result<(Arc<Node>, S
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let database = db::open(&config.data_dir.join("db"))
         .with_context(|| format!("opening RocksDB under {}", config.data_dir.display()))?;
-    let log_store = LogStore::new(database.clone());
+    let canary = &config.unsafe_canary;
+    if canary.any() {
+        tracing::warn!(skip_fsync = canary.skip_fsync, local_reads = canary.local_reads,
+            "UNSAFE CANARY ON: this replica breaks safety on purpose; never use it for a real zone");
+    }
+    let log_store = LogStore::with_fsync(database.clone(), !canary.skip_fsync);
     let state_machine = StateMachine::open(database.clone(), &config.data_dir.join("snapshots"))?;
     let raft = Raft::new(
         config.node_id,

@@ -13,7 +13,7 @@ use super::error::ApiError;
 use super::node::Node;
 use crate::scheduler::{self, Reserved};
 use crate::zone::command::{Command, CommandResult, Rejection};
-use crate::zone::model::{Host, HostHealth, Instance, Placement, Pod};
+use crate::zone::model::{Host, HostHealth, Instance, KeyValue, Placement, Pod};
 
 /// Largest instance the API accepts: 256 vCPUs, 4 TiB memory, 64 TiB disk.
 const MAX_VCPUS: u32 = 256;
@@ -51,6 +51,20 @@ pub struct Zone {
 
 /// Checks that a name is a DNS label: 1 to 63 lower-case letters, digits or
 /// hyphens, starting and ending with a letter or digit.
+/// Largest zone key value accepted, in bytes. Keys hold small metadata; the
+/// value travels through the Raft log and every snapshot.
+pub const MAX_KEY_VALUE_BYTES: usize = 64 * 1024;
+
+fn validate_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.len() > 256 {
+        return Err(ApiError::invalid("key", key, "must be 1 to 256 bytes long"));
+    }
+    if key.chars().any(|c| c.is_control()) {
+        return Err(ApiError::invalid("key", key, "must not contain control characters"));
+    }
+    Ok(())
+}
+
 pub fn validate_name(field: &'static str, name: &str) -> Result<(), ApiError> {
     let valid_chars = name
         .bytes()
@@ -227,6 +241,25 @@ impl Zone {
         }
         match self.node.propose(Command::CreatePod { pod }).await? {
             CommandResult::Pod(pod) => Ok(pod),
+            CommandResult::Rejected(rejection) => Err(rejection.into()),
+            other => Err(ApiError::Internal(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    /// Sets a zone key, or, with `expected` given, swaps it only if the key
+    /// holds that value (`Some(None)`: only if the key is absent).
+    pub async fn put_key(&self, key: String, expected: Option<Option<String>>, value: String) -> Result<KeyValue, ApiError> {
+        validate_key(&key)?;
+        if value.len() > MAX_KEY_VALUE_BYTES {
+            let reason = format!("is {} bytes; the limit is {MAX_KEY_VALUE_BYTES}", value.len());
+            return Err(ApiError::invalid("value", format!("{}...", value.chars().take(32).collect::<String>()), reason));
+        }
+        let command = match expected {
+            None => Command::PutKey { key, value },
+            Some(expected) => Command::CompareAndSwapKey { key, expected, value },
+        };
+        match self.node.propose(command).await? {
+            CommandResult::Key(record) => Ok(record),
             CommandResult::Rejected(rejection) => Err(rejection.into()),
             other => Err(ApiError::Internal(format!("unexpected result {other:?}"))),
         }

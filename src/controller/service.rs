@@ -136,6 +136,16 @@ fn pod_message(pod: &model::Pod) -> Pod {
     }
 }
 
+fn key_message(key: &str, record: Option<&model::KeyValue>) -> KeyReply {
+    KeyReply {
+        key: key.to_string(),
+        found: record.is_some(),
+        value: record.map(|r| r.value.clone()).unwrap_or_default(),
+        modified_index: record.map_or(0, |r| r.modified_index),
+        read: None,
+    }
+}
+
 fn non_empty(text: String) -> Option<String> {
     (!text.is_empty()).then_some(text)
 }
@@ -286,6 +296,33 @@ impl zone_server::Zone for ZoneService {
             })
             .collect();
         Ok(Response::new(HostDomainsReply { host: host.id, domains }))
+    }
+
+    async fn get_key(&self, request: Request<GetKeyRequest>) -> Result<Response<KeyReply>, Status> {
+        let key = request.get_ref().key.clone();
+        read!(self, request, request.get_ref().stale, get_key, |stale| {
+            let record = self.zone.node.key(&key)?;
+            let mut reply = key_message(&key, record.as_ref());
+            reply.read = Some(self.read_info(stale));
+            Ok::<_, ApiError>(reply)
+        })
+    }
+
+    async fn put_key(&self, request: Request<PutKeyRequest>) -> Result<Response<KeyReply>, Status> {
+        write!(self, request, put_key);
+        let message = request.into_inner();
+        let record = self.zone.put_key(message.key.clone(), None, message.value).await?;
+        Ok(Response::new(key_message(&message.key, Some(&record))))
+    }
+
+    async fn compare_and_swap_key(&self, request: Request<CompareAndSwapKeyRequest>) -> Result<Response<KeyReply>, Status> {
+        write!(self, request, compare_and_swap_key);
+        let message = request.into_inner();
+        let record = self
+            .zone
+            .put_key(message.key.clone(), Some(message.expected), message.value)
+            .await?;
+        Ok(Response::new(key_message(&message.key, Some(&record))))
     }
 
     async fn zone_status(&self, request: Request<ZoneStatusRequest>) -> Result<Response<ZoneStatusReply>, Status> {

@@ -25,9 +25,11 @@ pub const CF_NAMES: &str = "names";
 pub const CF_REQUESTS: &str = "requests";
 /// Operation journal, keyed by big-endian order id.
 pub const CF_JOURNAL: &str = "journal";
+/// Zone keys: operator metadata in a small key-value store.
+pub const CF_KEYS: &str = "keys";
 
 /// The column families that make up the state machine, in snapshot order.
-pub const STATE_CFS: [&str; 7] = [
+pub const STATE_CFS: [&str; 8] = [
     CF_SM_META,
     CF_PODS,
     CF_HOSTS,
@@ -35,6 +37,7 @@ pub const STATE_CFS: [&str; 7] = [
     CF_NAMES,
     CF_REQUESTS,
     CF_JOURNAL,
+    CF_KEYS,
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -33,19 +33,32 @@ struct PendingFlush {
 pub struct LogStore {
     db: Arc<DB>,
     syncer: mpsc::Sender<PendingFlush>,
+    /// False only under the `skip_fsync` canary, which breaks durability on purpose.
+    fsync: bool,
 }
 
 impl LogStore {
     /// Creates the log store and starts its syncer thread, which ends when
     /// every clone of the store is dropped.
     pub fn new(db: Arc<DB>) -> LogStore {
+        LogStore::with_fsync(db, true)
+    }
+
+    /// Creates a log store that, with `fsync` false, reports appends and
+    /// votes durable once they reach the operating system, without fsync.
+    /// Only the `skip_fsync` canary passes false.
+    pub fn with_fsync(db: Arc<DB>, fsync: bool) -> LogStore {
         let (sender, receiver) = mpsc::channel();
         let sync_db = db.clone();
         std::thread::Builder::new()
             .name("raft-log-sync".into())
-            .spawn(move || run_syncer(sync_db, receiver))
+            .spawn(move || run_syncer(sync_db, receiver, fsync))
             .expect("spawning the log sync thread");
-        LogStore { db, syncer: sender }
+        LogStore {
+            db,
+            syncer: sender,
+            fsync,
+        }
     }
 
     fn raft_get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
@@ -54,7 +67,7 @@ impl LogStore {
 
     fn write_synced(&self, batch: WriteBatch) -> Result<(), rocksdb::Error> {
         let mut options = WriteOptions::default();
-        options.set_sync(true);
+        options.set_sync(self.fsync);
         self.db.write_opt(batch, &options)
     }
 
@@ -64,12 +77,12 @@ impl LogStore {
 }
 
 /// Syncs the write-ahead log once for every group of queued appends.
-fn run_syncer(db: Arc<DB>, receiver: mpsc::Receiver<PendingFlush>) {
+fn run_syncer(db: Arc<DB>, receiver: mpsc::Receiver<PendingFlush>, fsync: bool) {
     while let Ok(first) = receiver.recv() {
         let mut group = vec![first];
         group.extend(receiver.try_iter());
         let entries: usize = group.iter().map(|pending| pending.entries).sum();
-        let result = db.flush_wal(true);
+        let result = db.flush_wal(fsync);
         metrics::counter!("ccs_raft_log_syncs_total").increment(1);
         metrics::histogram!("ccs_raft_log_entries_per_sync").record(entries as f64);
         for pending in group {

@@ -15,11 +15,11 @@ use serde::Serialize;
 
 use super::command::{Command, CommandResult, Rejection};
 use super::model::{
-    DesiredState, Host, HostHealth, Instance, JournalEntry, ObservedState, OrderAction,
+    DesiredState, Host, HostHealth, Instance, JournalEntry, KeyValue, ObservedState, OrderAction,
     OrderOutcome, Pod,
 };
 use crate::store::db::{
-    self, DbError, CF_HOSTS, CF_INSTANCES, CF_JOURNAL, CF_NAMES, CF_PODS, CF_REQUESTS,
+    self, DbError, CF_HOSTS, CF_INSTANCES, CF_JOURNAL, CF_KEYS, CF_NAMES, CF_PODS, CF_REQUESTS,
 };
 
 /// Pending writes of one apply call over the database, readable before commit.
@@ -150,8 +150,35 @@ pub fn apply_command(txn: &mut Txn, index: u64, command: &Command) -> Result<Com
             instance_id,
             observed,
         } => observe_instance(txn, instance_id, *observed)?,
+        Command::PutKey { key, value } => put_key(txn, index, key, value)?,
+        Command::CompareAndSwapKey {
+            key,
+            expected,
+            value,
+        } => {
+            let current: Option<KeyValue> = txn.get(CF_KEYS, key.as_bytes())?;
+            let actual = current.map(|kv| kv.value);
+            if actual != *expected {
+                return reject(Rejection::KeyMismatch {
+                    key: key.clone(),
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+            put_key(txn, index, key, value)?
+        }
     };
     Ok(result)
+}
+
+fn put_key(txn: &mut Txn, index: u64, key: &str, value: &str) -> Result<CommandResult, DbError> {
+    let record = KeyValue {
+        key: key.to_string(),
+        value: value.to_string(),
+        modified_index: index,
+    };
+    txn.put(CF_KEYS, key.as_bytes(), &record)?;
+    Ok(CommandResult::Key(record))
 }
 
 fn reject(rejection: Rejection) -> Result<CommandResult, DbError> {

@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::model::{
-    Host, Instance, JournalEntry, LeaderStamp, ObservedState, OrderAction, OrderOutcome, Pod,
+    Host, Instance, JournalEntry, KeyValue, LeaderStamp, ObservedState, OrderAction, OrderOutcome,
+    Pod,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,6 +61,18 @@ pub enum Command {
         instance_id: String,
         observed: ObservedState,
     },
+    /// Sets a zone key.
+    PutKey {
+        key: String,
+        value: String,
+    },
+    /// Sets a zone key if it holds `expected`, or if it is absent when
+    /// `expected` is `None`.
+    CompareAndSwapKey {
+        key: String,
+        expected: Option<String>,
+        value: String,
+    },
 }
 
 impl Command {
@@ -74,6 +87,8 @@ impl Command {
             Command::OpenOrder { .. } => "open_order",
             Command::CloseOrder { .. } => "close_order",
             Command::ObserveInstance { .. } => "observe_instance",
+            Command::PutKey { .. } => "put_key",
+            Command::CompareAndSwapKey { .. } => "compare_and_swap_key",
         }
     }
 }
@@ -111,6 +126,12 @@ pub enum Rejection {
     OrderClosed(u64),
     #[error("instance {instance:?} already has open order {order}")]
     OrderOpen { instance: String, order: u64 },
+    #[error("key {key:?} holds {actual:?}, not the expected {expected:?}")]
+    KeyMismatch {
+        key: String,
+        expected: Option<String>,
+        actual: Option<String>,
+    },
     #[error("instance {instance:?} is at generation {current}, not {requested}")]
     StaleGeneration {
         instance: String,
@@ -130,5 +151,6 @@ pub enum CommandResult {
     /// A create whose request id was applied before: the first instance.
     Duplicate(Instance),
     Order(JournalEntry),
+    Key(KeyValue),
     Rejected(Rejection),
 }

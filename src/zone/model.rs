@@ -218,3 +218,11 @@ pub struct JournalEntry {
     pub leader: LeaderStamp,
     pub outcome: Option<OrderOutcome>,
 }
+
+/// A zone key's value and the log index of the write that set it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: String,
+    pub modified_index: u64,
+}

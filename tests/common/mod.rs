@@ -296,6 +296,7 @@ impl Cluster {
             raft: self.options.raft.clone(),
             host_timeout: self.options.host_timeout,
             log_json: false,
+            unsafe_canary: Default::default(),
         };
         let config_path = self.dir.path().join(format!("controller-{id}.toml"));
         write_toml(&config_path, &config);
@@ -326,6 +327,8 @@ impl Cluster {
             controllers: self.controllers.values().map(|c| c.addr.clone()).collect(),
             heartbeat_interval: Duration::from_millis(500),
             log_json: false,
+            ledger: None,
+            unsafe_canary: Default::default(),
         };
         let config_path = self.dir.path().join(format!("agent-{host}.toml"));
         write_toml(&config_path, &config);
