@@ -3,11 +3,11 @@
 # missing. They are libvirt (the test driver and the headers of the `virt`
 # crate), clang for RocksDB's bindings, protoc for the gRPC code, the
 # network tools of the multi-host tests, and for ccs-jepsen: libfaketime
-# (clock faults) and fuse3 (the filesystem that simulates power loss).
+# (clock faults).
 set -euo pipefail
 
 packages=(libvirt-dev libvirt0 libclang-dev clang pkg-config protobuf-compiler
-          iproute2 iptables ca-certificates faketime fuse3)
+          iproute2 iptables ca-certificates faketime)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

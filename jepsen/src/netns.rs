@@ -150,35 +150,49 @@ impl Network {
     /// that accepts traffic between the run's nodes, so that a host firewall
     /// with a DROP policy cannot cut the zone.
     pub fn create(run_id: &str) -> anyhow::Result<Network> {
-        let bridge = format!("{PREFIX}{run_id}-br");
         let mut network = Network {
             run_id: run_id.to_string(),
-            bridge: bridge.clone(),
+            bridge: format!("{PREFIX}{run_id}-br"),
             forward_rule: None,
             namespaces: Vec::new(),
         };
+        if let Err(error) = network.create_bridge() {
+            network.destroy();
+            return Err(error);
+        }
+        Ok(network)
+    }
+
+    fn create_bridge(&mut self) -> anyhow::Result<()> {
+        let bridge = self.bridge.clone();
         let address = format!("{BRIDGE_ADDR}/{SUBNET_PREFIX_LEN}");
         run_blocking("ip", &["link", "add", &bridge, "type", "bridge"])?;
         run_blocking("ip", &["addr", "add", &address, "dev", &bridge])?;
         run_blocking("ip", &["link", "set", &bridge, "up"])?;
         if bridged_frames_pass_iptables() {
-            let comment = format!("{PREFIX}{run_id}");
-            let rule: Vec<String> = ["FORWARD", "-i", &bridge, "-o", &bridge, "-m", "comment"]
-                .iter()
-                .map(|s| s.to_string())
-                .chain([
-                    "--comment".to_string(),
-                    comment,
-                    "-j".into(),
-                    "ACCEPT".into(),
-                ])
-                .collect();
+            let comment = format!("{PREFIX}{}", self.run_id);
+            let rule: Vec<String> = [
+                "FORWARD",
+                "-i",
+                &bridge,
+                "-o",
+                &bridge,
+                "-m",
+                "comment",
+                "--comment",
+                &comment,
+                "-j",
+                "ACCEPT",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
             let mut args = vec!["-I"];
             args.extend(rule.iter().map(String::as_str));
             run_blocking("iptables", &args)?;
-            network.forward_rule = Some(rule);
+            self.forward_rule = Some(rule);
         }
-        Ok(network)
+        Ok(())
     }
 
     pub fn namespace_name(&self, node: &str) -> String {
@@ -244,14 +258,14 @@ impl Network {
     pub fn destroy(&mut self) -> Vec<String> {
         let mut failures = Vec::new();
         for ns in std::mem::take(&mut self.namespaces) {
-            if let Err(e) = remove_namespace(&ns) {
+            // The host end of the veth pair has the namespace's name.
+            let removed = remove_namespace(&ns).and_then(|()| remove_link(&ns));
+            if let Err(e) = removed {
                 failures.push(format!("{e:#}"));
             }
         }
-        if link_exists(&self.bridge) {
-            if let Err(e) = run_blocking("ip", &["link", "del", &self.bridge]) {
-                failures.push(format!("{e:#}"));
-            }
+        if let Err(e) = remove_link(&self.bridge) {
+            failures.push(format!("{e:#}"));
         }
         if let Some(rule) = self.forward_rule.take() {
             let mut args = vec!["-D"];
@@ -271,6 +285,19 @@ fn bridged_frames_pass_iptables() -> bool {
 
 fn link_exists(name: &str) -> bool {
     run_blocking("ip", &["link", "show", "dev", name]).is_ok()
+}
+
+/// Deletes a link if it exists. The kernel removes a veth pair on its own
+/// some time after its namespace goes, so a link that vanishes between the
+/// check and the deletion is not an error.
+fn remove_link(name: &str) -> anyhow::Result<()> {
+    if !link_exists(name) {
+        return Ok(());
+    }
+    match run_blocking("ip", &["link", "del", name]) {
+        Err(_) if !link_exists(name) => Ok(()),
+        other => other.map(|_| ()),
+    }
 }
 
 /// Kills every process inside namespace `ns`, then deletes it.
@@ -325,7 +352,7 @@ fn stat_fields(stat: &str) -> Option<Vec<&str>> {
     Some(rest.split_whitespace().collect())
 }
 
-/// The start time of `pid` in clock ticks since boot (field 22 of
+/// Returns the start time of `pid` in clock ticks since boot (field 22 of
 /// `/proc/PID/stat`), which distinguishes a process from a later one with the same pid.
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -492,7 +519,7 @@ pub fn remove_leftovers() -> anyhow::Result<Vec<String>> {
         removed.push(format!("deleted network namespace {ns}"));
     }
     for link in list_links()?.into_iter().filter(|link| is_leftover(link)) {
-        run_blocking("ip", &["link", "del", &link])?;
+        remove_link(&link)?;
         removed.push(format!("deleted link {link}"));
     }
     for rule in forward_rules()?
@@ -748,8 +775,13 @@ impl Cut {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Returns the state letter of a `/proc/PID/stat` line, e.g. "S" or "Z".
+    pub(crate) fn stat_state(stat: &str) -> Option<&str> {
+        stat_fields(stat)?.first().copied()
+    }
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()

@@ -161,7 +161,9 @@ type Phases = (Vec<Verdict>, RunInfo, Vec<crate::history::Op>);
 async fn run_phases(options: &RunOptions, dir: &std::path::Path, cluster: Arc<Mutex<Cluster>>) -> anyhow::Result<Phases> {
     let started = Instant::now();
     let recorder = Arc::new(Recorder::new());
-    let endpoints = cluster.lock().await.controller_endpoints();
+    // Every controller slot, spares included: membership changes move the
+    // zone onto spares, and a client aimed at a stopped slot just fails over.
+    let endpoints = cluster.lock().await.all_controller_endpoints();
     let clients = Arc::new(Clients::new(recorder.clone(), endpoints.clone(), Duration::from_secs(5), 8));
 
     // Phase 1: faults under load.

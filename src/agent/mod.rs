@@ -144,7 +144,7 @@ impl Agent for AgentService {
                         leader: stamp,
                         accepted_before,
                         instance_id: order.instance_id.clone(),
-                        action: action.as_str_name().to_ascii_lowercase(),
+                        action: ledger_action(action).to_string(),
                         before: before.as_str().to_string(),
                         after: after.as_str().to_string(),
                     });
@@ -175,6 +175,15 @@ impl Agent for AgentService {
             host_id: self.host_id.clone(),
             domains: self.list().await?,
         }))
+    }
+}
+
+fn ledger_action(action: OrderAction) -> &'static str {
+    match action {
+        OrderAction::Start => "start",
+        OrderAction::Stop => "stop",
+        OrderAction::Destroy => "destroy",
+        OrderAction::Unspecified => "unspecified",
     }
 }
 
