@@ -161,13 +161,12 @@ type Phases = (Vec<Verdict>, RunInfo, Vec<crate::history::Op>);
 async fn run_phases(options: &RunOptions, dir: &std::path::Path, cluster: Arc<Mutex<Cluster>>) -> anyhow::Result<Phases> {
     let started = Instant::now();
     let recorder = Arc::new(Recorder::new());
-    // Every controller slot, spares included: membership changes move the
-    // zone onto spares, and a client aimed at a stopped slot just fails over.
-    let endpoints = cluster.lock().await.all_controller_endpoints();
-    let clients = Arc::new(Clients::new(recorder.clone(), endpoints.clone(), Duration::from_secs(5), 8));
+    let endpoints = cluster.lock().await.controller_endpoints();
+    let clients = Arc::new(Clients::new(recorder.clone(), endpoints, Duration::from_secs(5), 8));
 
     // Phase 1: faults under load.
     let (stop_tx, stop_rx) = watch::channel(false);
+    let refresher = tokio::spawn(refresh_endpoints(cluster.clone(), clients.clone(), stop_rx.clone()));
     let mut tasks = Vec::new();
     for i in 0..options.concurrency {
         let seed = options.seed.wrapping_mul(1000).wrapping_add(i as u64 + 1);
@@ -192,6 +191,7 @@ async fn run_phases(options: &RunOptions, dir: &std::path::Path, cluster: Arc<Mu
     for task in tasks {
         task.await.ok();
     }
+    refresher.await.ok();
     let faults = nemesis.await.context("nemesis task panicked")??;
     let mut fault_counts: BTreeMap<String, u64> = faults.injected.clone();
     for (name, count) in &faults.failed {
@@ -290,6 +290,20 @@ fn to_report_verdict(verdict: &Verdict) -> ReportVerdict {
         validity: verdict.validity.as_str().to_string(),
         summary: verdict.summary.clone(),
         details: serde_json::to_value(verdict).unwrap_or(serde_json::Value::Null),
+    }
+}
+
+/// Keeps the clients' controller list equal to the zone's current members,
+/// which membership changes move onto spare slots.
+async fn refresh_endpoints(cluster: Arc<Mutex<Cluster>>, clients: Arc<Clients>, mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if let Ok(cluster) = cluster.try_lock() {
+            clients.set_endpoints(cluster.controller_endpoints());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => {}
+        }
     }
 }
 

@@ -47,7 +47,8 @@ const INSTANCE_DISK_GIB: u64 = 1;
 /// What every client shares.
 pub struct Clients {
     pub recorder: Arc<Recorder>,
-    pub endpoints: Vec<String>,
+    /// Controllers that are zone members now; the runner refreshes the list.
+    endpoints: std::sync::RwLock<Vec<String>>,
     /// Per-call timeout; past it the outcome is unknown.
     pub timeout: Duration,
     /// Pause between one client's calls.
@@ -86,7 +87,7 @@ impl Clients {
         let every_key = active.iter().map(|(k, _)| k.clone()).collect();
         Clients {
             recorder,
-            endpoints,
+            endpoints: std::sync::RwLock::new(endpoints),
             timeout,
             think_time: Duration::from_millis(10),
             next_process: AtomicU64::new(0),
@@ -115,7 +116,15 @@ impl Clients {
     }
 
     fn pick_endpoint(&self, rng: &mut StdRng) -> String {
-        self.endpoints[rng.gen_range(0..self.endpoints.len())].clone()
+        let endpoints = self.endpoints.read().unwrap_or_else(|p| p.into_inner());
+        endpoints[rng.gen_range(0..endpoints.len())].clone()
+    }
+
+    /// Replaces the controllers clients pick from; an empty list is ignored.
+    pub fn set_endpoints(&self, endpoints: Vec<String>) {
+        if !endpoints.is_empty() {
+            *self.endpoints.write().unwrap_or_else(|p| p.into_inner()) = endpoints;
+        }
     }
 }
 
@@ -123,8 +132,16 @@ impl Clients {
 fn outcome_of(status: &tonic::Status) -> OpType {
     match ccs::client::reason(status) {
         Some(reason) if DEFINITE_FAILURES.contains(&reason) => OpType::Fail,
+        // No connection was made, so the request never left the client.
+        None if is_connect_error(status) => OpType::Fail,
         _ => OpType::Info,
     }
+}
+
+/// Returns whether tonic failed to open the connection, as opposed to
+/// losing one that carried the request.
+fn is_connect_error(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable && status.message().contains("tcp connect error")
 }
 
 fn describe(status: &tonic::Status) -> String {
@@ -278,7 +295,11 @@ pub async fn set_client(clients: Arc<Clients>, seed: u64, mut stop: watch::Recei
         if kind != OpType::Ok {
             client = clients.client_for(&clients.pick_endpoint(&mut rng));
         }
-        pause(&clients, &mut stop).await;
+        // Creates pause five times longer than register calls, which keeps a
+        // long run within the pod's capacity.
+        for _ in 0..5 {
+            pause(&clients, &mut stop).await;
+        }
     }
 }
 
