@@ -34,7 +34,7 @@ struct Common {
     /// Time allowed after healing for one leader and linearizable reads on every node.
     #[arg(long = "recovery-bound", default_value = "60s", value_parser = humantime::parse_duration)]
     recovery_bound: Duration,
-    /// Time the linearizability search may take before it answers "unknown".
+    /// Time the linearizability search may take before it returns "unknown".
     #[arg(long = "check-budget", default_value = "120s", value_parser = humantime::parse_duration)]
     check_budget: Duration,
 }

@@ -63,7 +63,7 @@ pub struct RunOptions {
     pub canary: Option<Canary>,
     /// Time allowed after healing for the zone to serve again.
     pub recovery_bound: Duration,
-    /// Time the linearizability search may take before it answers "unknown".
+    /// Time the linearizability search may take before it returns "unknown".
     pub check_budget: Duration,
     pub fault_interval: Duration,
     pub fault_duration: Duration,
@@ -71,7 +71,7 @@ pub struct RunOptions {
     pub command: String,
 }
 
-/// What a run produced.
+/// The result of a run: its report directory and verdicts.
 pub struct RunOutcome {
     pub dir: PathBuf,
     pub verdicts: Vec<Verdict>,
@@ -150,7 +150,7 @@ fn cluster_spec(options: &RunOptions, dir: &std::path::Path) -> ClusterSpec {
     }
 }
 
-/// The libfaketime library Debian's `faketime` package installs, if present.
+/// Returns the libfaketime library of Debian's `faketime` package, if installed.
 fn find_faketime() -> Option<PathBuf> {
     let path = PathBuf::from("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1");
     path.exists().then_some(path)
@@ -270,7 +270,7 @@ fn check(
     Ok(verdicts)
 }
 
-/// The verdict of phase 2: did the healed zone serve again within the bound?
+/// Builds the verdict of phase 2: whether the healed zone served again within the bound.
 fn recovery_verdict(recovery: &Result<Duration, String>) -> Verdict {
     match recovery {
         Ok(elapsed) => {

@@ -44,7 +44,7 @@ const INSTANCE_VCPUS: u32 = 1;
 const INSTANCE_MEMORY_MIB: u64 = 64;
 const INSTANCE_DISK_GIB: u64 = 1;
 
-/// What every client shares.
+/// State shared by every client task.
 pub struct Clients {
     pub recorder: Arc<Recorder>,
     /// Controllers that are zone members now; the runner refreshes the list.
@@ -104,7 +104,7 @@ impl Clients {
         Process::Client(self.next_process.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Every register key any client has used.
+    /// Returns every register key any client has used.
     pub fn keys_used(&self) -> Vec<String> {
         let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         keys.every_key.iter().cloned().collect()
@@ -128,7 +128,7 @@ impl Clients {
     }
 }
 
-/// How a failed call completes in the history.
+/// Classifies a failed call as `fail` (certainly not applied) or `info`.
 fn outcome_of(status: &tonic::Status) -> OpType {
     match ccs::client::reason(status) {
         Some(reason) if DEFINITE_FAILURES.contains(&reason) => OpType::Fail,
@@ -208,7 +208,7 @@ async fn perform_register(clients: &Clients, client: &mut ZoneClient<Channel>, c
                     let reply = reply.into_inner();
                     match parse_value(&reply) {
                         Ok(value) => (OpType::Ok, Call::Read { key, value }, None),
-                        // A value no client wrote: record it so the checker sees it.
+                        // A value no client wrote: record it so that the checker reports it.
                         Err(message) => (OpType::Ok, Call::Read { key, value: Some(i64::MIN) }, Some(message)),
                     }
                 }

@@ -146,6 +146,18 @@ fn key_message(key: &str, record: Option<&model::KeyValue>) -> KeyReply {
     }
 }
 
+/// Maps a failed membership change to an API error. Losing leadership
+/// while the change was in flight is `LEADER_CHANGED`, not an internal
+/// error: the change may have been committed, and repeating it is safe.
+fn membership_error(error: openraft::error::RaftError<u64, openraft::error::ClientWriteError<u64, BasicNode>>, action: &str) -> ApiError {
+    match error {
+        openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_)) => {
+            ApiError::LeaderChanged
+        }
+        other => ApiError::Internal(format!("{action} failed: {other}")),
+    }
+}
+
 fn non_empty(text: String) -> Option<String> {
     (!text.is_empty()).then_some(text)
 }
@@ -351,12 +363,12 @@ impl zone_server::Zone for ZoneService {
         tracing::info!(node_id = message.node_id, addr = %message.addr, "adding replica as learner");
         raft.add_learner(message.node_id, node, true)
             .await
-            .map_err(|e| ApiError::Internal(format!("adding learner {} failed: {e}", message.node_id)))?;
+            .map_err(|e| membership_error(e, &format!("adding learner {}", message.node_id)))?;
         tracing::info!(node_id = message.node_id, "promoting learner to voter");
         let voters = std::collections::BTreeSet::from([message.node_id]);
         raft.change_membership(ChangeMembers::AddVoterIds(voters), false)
             .await
-            .map_err(|e| ApiError::Internal(format!("promoting {} failed: {e}", message.node_id)))?;
+            .map_err(|e| membership_error(e, &format!("promoting {}", message.node_id)))?;
         Ok(Response::new(status::zone_status(&self.zone.node)))
     }
 
@@ -378,7 +390,7 @@ impl zone_server::Zone for ZoneService {
             .raft
             .change_membership(ChangeMembers::RemoveVoters(removed), false)
             .await
-            .map_err(|e| ApiError::Internal(format!("removing {node_id} failed: {e}")))?;
+            .map_err(|e| membership_error(e, &format!("removing {node_id}")))?;
         Ok(Response::new(status::zone_status(&self.zone.node)))
     }
 
