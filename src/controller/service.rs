@@ -424,3 +424,24 @@ impl zone_server::Zone for ZoneService {
         Ok(Response::new(HeartbeatReply { leader_id: self.zone.node.id }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
+
+    /// Regression: ccs-jepsen's membership nemesis saw RemoveReplica fail with
+    /// INTERNAL when the leader changed while the change was in flight, so
+    /// clients did not retry a change that may well have been committed.
+    #[test]
+    fn leader_change_during_membership_change() {
+        let forward = ForwardToLeader {
+            leader_id: Some(3),
+            leader_node: Some(BasicNode { addr: "10.0.0.3:7000".into() }),
+        };
+        let error = RaftError::APIError(ClientWriteError::ForwardToLeader(forward));
+        let status = tonic::Status::from(membership_error(error, "removing 2"));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(crate::client::reason(&status), Some("LEADER_CHANGED"));
+    }
+}
