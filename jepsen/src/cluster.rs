@@ -561,17 +561,19 @@ impl Cluster {
             if !node.clock_file.exists() {
                 write_atomically(&node.clock_file, "+0\n")?;
             }
-            // libfaketime 0.9.10 fakes CLOCK_MONOTONIC as well (on the wall
-            // clock's scale), so clock faults move tokio's and openraft's
-            // timers, not only timestamps. NO_CACHE makes it read the file
-            // at every clock call, which cost about 3 us per call in a
-            // Python loop of clock reads on a 2-core VM.
+            // NO_CACHE makes libfaketime read the file at every clock call,
+            // which cost about 3 us per call in a Python loop of clock reads
+            // on a 2-core VM.
             env.push(format!("LD_PRELOAD={}", library.display()));
             env.push(format!(
                 "FAKETIME_TIMESTAMP_FILE={}",
                 node.clock_file.display()
             ));
             env.push("FAKETIME_NO_CACHE=1".to_string());
+            // Clock faults move the wall clock only. The kernel never steps
+            // CLOCK_MONOTONIC backwards, and openraft 0.9 panics when it sees
+            // that happen (utime.rs asserts `now >= utime`).
+            env.push("FAKETIME_DONT_FAKE_MONOTONIC=1".to_string());
             env.push("FAKETIME_XRESET=1".to_string());
             env.push("NO_FAKE_STAT=1".to_string());
         }
@@ -937,8 +939,8 @@ impl Cluster {
         self.partition(&Cut::new()).await
     }
 
-    /// Moves a controller's clock (wall and monotonic, as libfaketime fakes
-    /// both) to `seconds` from real time; negative values go back.
+    /// Moves a controller's wall clock to `seconds` from real time; negative
+    /// values go back. Its monotonic clock is left alone (see `spawn`).
     pub async fn clock_offset(&mut self, name: &str, seconds: f64) -> anyhow::Result<()> {
         if !seconds.is_finite() {
             bail!("clock offset {seconds} is not a finite number of seconds");
@@ -948,8 +950,8 @@ impl Cluster {
         self.write_clock(name, &format!("{seconds:+.3}"))
     }
 
-    /// Makes a controller's clock run `rate` times as fast as real time,
-    /// continuing from its current reading.
+    /// Makes a controller's wall clock run `rate` times as fast as real
+    /// time, continuing from its current reading.
     pub async fn clock_rate(&mut self, name: &str, rate: f64) -> anyhow::Result<()> {
         if !(rate.is_finite() && rate > 0.0) {
             bail!("clock rate {rate} is invalid: use a positive number such as 0.5 or 2");
@@ -1363,15 +1365,31 @@ pub async fn zone_status_at(
     }
 }
 
-/// Node ids of the zone's voters and learners, as the leader reports them.
+/// Node ids of the zone's voters and learners in its committed membership.
+/// Waits while the membership is joint or not yet applied: a replica that a
+/// pending change omits is still a member until the change commits, and
+/// retiring it early would wipe a voter the zone still counts on.
 pub async fn zone_members(connector: &ZoneConnector) -> anyhow::Result<BTreeSet<u64>> {
-    let status = connector
-        .call_until(MEMBERSHIP_TIMEOUT, |mut c| async move {
-            c.zone_status(ZoneStatusRequest {}).await
-        })
-        .await
-        .map_err(|s| anyhow!("ZoneStatus failed: {:?} {}", s.code(), s.message()))?;
-    Ok(status.replicas.iter().map(|r| r.node_id).collect())
+    let deadline = tokio::time::Instant::now() + MEMBERSHIP_TIMEOUT;
+    loop {
+        let status = connector
+            .call_until(MEMBERSHIP_TIMEOUT, |mut c| async move {
+                c.zone_status(ZoneStatusRequest {}).await
+            })
+            .await
+            .map_err(|s| anyhow!("ZoneStatus failed: {:?} {}", s.code(), s.message()))?;
+        if status.membership_committed {
+            return Ok(status.replicas.iter().map(|r| r.node_id).collect());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "the zone's membership at index {} is still joint or uncommitted after {:?}",
+                status.membership_index,
+                MEMBERSHIP_TIMEOUT
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// AddReplica, retried while the zone has no leader. Adding a replica that

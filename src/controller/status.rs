@@ -68,6 +68,10 @@ pub fn zone_status(node: &Node) -> ZoneStatusReply {
         })
         .collect();
     let (leader_id, leader_addr) = node.leader().unwrap_or((0, String::new()));
+    let membership_log = metrics.membership_config.log_id().as_ref().map(|l| l.index);
+    let applied = metrics.last_applied.map(|l| l.index);
+    let joint = membership.get_joint_config().len() > 1;
+    let membership_committed = !joint && membership_log.is_some() && membership_log <= applied;
     ZoneStatusReply {
         zone: node.zone.clone(),
         leader_id,
@@ -79,5 +83,7 @@ pub fn zone_status(node: &Node) -> ZoneStatusReply {
         replicas,
         snapshot_index: metrics.snapshot.map_or(0, |l| l.index),
         purged_index: metrics.purged.map_or(0, |l| l.index),
+        membership_index: membership_log.unwrap_or(0),
+        membership_committed,
     }
 }
