@@ -666,7 +666,10 @@ async fn wait_for_voters(cluster: &Cluster, expected: &BTreeSet<u64>) {
     wait_for(&condition, Duration::from_secs(30), async || {
         let status = cluster.leader_status().await;
         let actual = voters(&status);
-        if &actual == expected {
+        // A membership that is joint or not applied yet may still change,
+        // so the wait ends only on a committed one.
+        if &actual == expected && status.membership_committed {
+            assert!(status.membership_index > 0, "a committed membership has a log index");
             Ok(())
         } else {
             Err(format!("voters {actual:?}, replicas {:?}", status.replicas))

@@ -12,6 +12,7 @@
 //! | CONFLICT          | ABORTED             | no                          |
 //! | CAS_MISMATCH      | FAILED_PRECONDITION | no                          |
 //! | NOT_LEADER        | UNAVAILABLE         | no (refused before proposing; `ccs-leader` names the leader) |
+//! | MEMBERSHIP_CHANGING | UNAVAILABLE       | no (another membership change is in progress) |
 //! | NO_LEADER         | UNAVAILABLE         | no                          |
 //! | HOST_UNREACHABLE  | UNAVAILABLE         | no (reads only)             |
 //! | LEADER_CHANGED    | UNAVAILABLE         | yes                         |
@@ -47,6 +48,8 @@ pub enum ApiError {
     NotLeader { leader: Option<String> },
     #[error("the zone has no leader (no quorum); retry later")]
     NoLeader,
+    #[error("another membership change is in progress: {0}; retry when it has finished")]
+    MembershipChanging(String),
     #[error("host {host:?} agent at {endpoint} is unreachable: {message}")]
     HostUnreachable {
         host: String,
@@ -85,6 +88,7 @@ impl ApiError {
             ApiError::NoCapacity { .. } => (Code::ResourceExhausted, "NO_CAPACITY"),
             ApiError::NotLeader { .. } => (Code::Unavailable, "NOT_LEADER"),
             ApiError::NoLeader => (Code::Unavailable, "NO_LEADER"),
+            ApiError::MembershipChanging(_) => (Code::Unavailable, "MEMBERSHIP_CHANGING"),
             ApiError::HostUnreachable { .. } => (Code::Unavailable, "HOST_UNREACHABLE"),
             ApiError::LeaderChanged => (Code::Unavailable, "LEADER_CHANGED"),
             ApiError::Timeout(_) => (Code::DeadlineExceeded, "TIMEOUT"),

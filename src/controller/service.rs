@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -149,10 +150,12 @@ fn key_message(key: &str, record: Option<&model::KeyValue>) -> KeyReply {
 /// Maps a failed membership change to an API error. Losing leadership
 /// while the change was in flight is `LEADER_CHANGED`, not an internal
 /// error: the change may have been committed, and repeating it is safe.
-fn membership_error(error: openraft::error::RaftError<u64, openraft::error::ClientWriteError<u64, BasicNode>>, action: &str) -> ApiError {
+/// A change refused because another one is still in progress did nothing.
+fn membership_error(error: RaftError<u64, ClientWriteError<u64, BasicNode>>, action: &str) -> ApiError {
     match error {
-        openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(_)) => {
-            ApiError::LeaderChanged
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ApiError::LeaderChanged,
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(e))) => {
+            ApiError::MembershipChanging(e.to_string())
         }
         other => ApiError::Internal(format!("{action} failed: {other}")),
     }
@@ -428,7 +431,7 @@ impl zone_server::Zone for ZoneService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
+    use openraft::error::ForwardToLeader;
 
     /// Regression: ccs-jepsen's membership nemesis saw RemoveReplica fail with
     /// INTERNAL when the leader changed while the change was in flight, so
@@ -443,5 +446,19 @@ mod tests {
         let status = tonic::Status::from(membership_error(error, "removing 2"));
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert_eq!(crate::client::reason(&status), Some("LEADER_CHANGED"));
+    }
+
+    /// A membership change refused because another is in progress did
+    /// nothing, so it is reported as retryable rather than internal.
+    #[test]
+    fn concurrent_membership_change_is_retryable() {
+        let in_progress = openraft::error::InProgress {
+            committed: None,
+            membership_log_id: None,
+        };
+        let error = RaftError::APIError(ClientWriteError::ChangeMembershipError(in_progress.into()));
+        let status = tonic::Status::from(membership_error(error, "adding learner 4"));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(crate::client::reason(&status), Some("MEMBERSHIP_CHANGING"));
     }
 }
