@@ -177,10 +177,32 @@ async fn lead_while_leader(zone: Arc<Zone>, applied: tokio::sync::watch::Receive
             if let Some(stamp) = stamp {
                 let task = reconciler::Reconciler::new(zone.clone(), stamp).run(applied.clone());
                 reconciler = Some((tokio::spawn(task.in_current_span()), stamp));
+                tokio::spawn(finish_joint_membership(zone.clone()).in_current_span());
             }
         }
         if metrics_rx.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Finishes a membership change that a previous leader left in its joint
+/// phase. openraft does not leave a joint configuration on its own, and
+/// while one is in effect every further AddReplica or RemoveReplica is
+/// refused, so a new leader moves the zone to the newer of the two configs.
+async fn finish_joint_membership(zone: Arc<Zone>) {
+    let membership = zone.node.raft.metrics().borrow().membership_config.membership().clone();
+    let configs = membership.get_joint_config();
+    if configs.len() < 2 {
+        return;
+    }
+    let Some(target) = configs.last().cloned() else {
+        return;
+    };
+    tracing::info!(voters = ?target, "finishing a membership change left in its joint phase");
+    let change = openraft::ChangeMembers::ReplaceAllVoters(target.clone());
+    match zone.node.raft.change_membership(change, false).await {
+        Ok(_) => tracing::info!(voters = ?target, "membership change finished"),
+        Err(error) => tracing::warn!(voters = ?target, %error, "finishing the membership change failed; the next leader or change retries"),
     }
 }
