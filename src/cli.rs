@@ -87,18 +87,80 @@ pub enum PodCommand {
     /// Create a pod.
     Create {
         name: String,
-        /// Schedulable vCPUs per physical CPU.
-        #[arg(long = "cpu-ratio", default_value_t = 1.0)]
-        cpu_ratio: f64,
-        /// Schedulable memory per unit of physical memory.
-        #[arg(long = "memory-ratio", default_value_t = 1.0)]
-        memory_ratio: f64,
+        /// Schedulable vCPUs per physical CPU, 0.1 to 64 [default: 1].
+        #[arg(long = "cpu-ratio")]
+        cpu_ratio: Option<f64>,
+        /// Schedulable memory per unit of physical memory, 0.1 to 64 [default: 1].
+        #[arg(long = "memory-ratio")]
+        memory_ratio: Option<f64>,
+        /// Schedulable disk per unit of physical disk, 0.1 to 64 [default: 1].
+        #[arg(long = "storage-ratio")]
+        storage_ratio: Option<f64>,
         /// "pack" fills hosts one by one; "spread" balances them.
         #[arg(long, default_value = "pack")]
         placement: String,
+        /// "das": every host has local disks; "san": one shared array serves every host.
+        #[arg(long, default_value = "das")]
+        storage: String,
+        /// Host id of the agent that fronts the array; required with --storage san.
+        #[arg(long = "san-agent")]
+        san_agent: Option<String>,
+        /// Free text naming what the pod's hosts are for.
+        #[arg(long = "workload-class", default_value = "general")]
+        workload_class: String,
+        /// Tenant network isolation: "vlan" (802.1Q) or "vxlan" (overlay).
+        #[arg(long = "network-mode", default_value = "vlan")]
+        network_mode: String,
+        /// VLAN ids or VNIs the pod's networks draw from, FIRST..LAST inclusive
+        /// [default: 1..4094 for vlan, 1..16777215 for vxlan].
+        #[arg(long = "segmentation-range", value_parser = parse_range)]
+        segmentation_range: Option<(u32, u32)>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// List pods.
     List(ReadArgs),
+    /// Show one pod.
+    Show {
+        name: String,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetworkCommand {
+    /// Create a tenant network; the zone allocates its VLAN id or VNI from the pod's range.
+    Create {
+        name: String,
+        /// The pod whose hosts carry the network.
+        #[arg(long)]
+        pod: String,
+        /// IPv4 subnet, e.g. 10.0.0.0/24 (prefix length 8 to 30, host bits zero).
+        #[arg(long)]
+        cidr: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// List networks.
+    List(ReadArgs),
+    /// Show one network.
+    Show {
+        name: String,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Delete a network and release its VLAN id or VNI.
+    Delete { name: String },
+}
+
+/// Parses "FIRST..LAST" into its two ends.
+fn parse_range(text: &str) -> Result<(u32, u32), String> {
+    let invalid = || format!("invalid range {text:?}: use FIRST..LAST, e.g. 100..199");
+    let (first, last) = text.split_once("..").ok_or_else(invalid)?;
+    let first = first.trim().parse().map_err(|_| invalid())?;
+    let last = last.trim().parse().map_err(|_| invalid())?;
+    Ok((first, last))
 }
 
 #[derive(Subcommand, Debug)]
@@ -399,10 +461,61 @@ pub async fn host(connector: &ZoneConnector, command: HostCommand) -> Result<(),
     Ok(())
 }
 
+fn pod_json(p: &Pod) -> serde_json::Value {
+    json!({
+        "name": p.name, "cpu_ratio": p.cpu_ratio, "memory_ratio": p.memory_ratio,
+        "storage_ratio": p.storage_ratio, "placement": p.placement, "storage": p.storage,
+        "san_agent": p.san_agent, "workload_class": p.workload_class,
+        "network_mode": p.network_mode, "segmentation_first": p.segmentation_first,
+        "segmentation_last": p.segmentation_last,
+    })
+}
+
+fn print_pods(pods: &[Pod]) {
+    println!(
+        "{:<12}  {:>5}  {:>5}  {:>5}  {:<9}  {:<7}  {:<10}  {:<12}  {:<7}  {:<12}",
+        "POD", "CPU", "MEM", "DISK", "PLACEMENT", "STORAGE", "SAN_AGENT", "CLASS", "NETWORK",
+        "SEGMENTS"
+    );
+    for p in pods {
+        let san_agent = if p.san_agent.is_empty() { "-" } else { p.san_agent.as_str() };
+        println!(
+            "{:<12}  {:>5}  {:>5}  {:>5}  {:<9}  {:<7}  {:<10}  {:<12}  {:<7}  {:<12}",
+            p.name, p.cpu_ratio, p.memory_ratio, p.storage_ratio, p.placement, p.storage, san_agent,
+            p.workload_class, p.network_mode,
+            format!("{}..{}", p.segmentation_first, p.segmentation_last)
+        );
+    }
+}
+
 pub async fn pod(connector: &ZoneConnector, command: PodCommand) -> Result<(), CallError> {
     match command {
-        PodCommand::Create { name, cpu_ratio, memory_ratio, placement } => {
-            let request = CreatePodRequest { name, cpu_ratio, memory_ratio, placement };
+        PodCommand::Create {
+            name,
+            cpu_ratio,
+            memory_ratio,
+            storage_ratio,
+            placement,
+            storage,
+            san_agent,
+            workload_class,
+            network_mode,
+            segmentation_range,
+            output,
+        } => {
+            let request = CreatePodRequest {
+                name,
+                cpu_ratio,
+                memory_ratio,
+                placement,
+                storage,
+                san_agent: san_agent.unwrap_or_default(),
+                workload_class,
+                storage_ratio,
+                network_mode,
+                segmentation_first: segmentation_range.map(|(first, _)| first),
+                segmentation_last: segmentation_range.map(|(_, last)| last),
+            };
             let pod = connector
                 .call_until(RETRY_WINDOW, |mut c| {
                     let r = request.clone();
@@ -410,7 +523,10 @@ pub async fn pod(connector: &ZoneConnector, command: PodCommand) -> Result<(), C
                 })
                 .await
                 .map_err(CallError)?;
-            println!("created pod {} (cpu ratio {}, memory ratio {}, {})", pod.name, pod.cpu_ratio, pod.memory_ratio, pod.placement);
+            match output {
+                Output::Json => print_json(&pod_json(&pod)),
+                Output::Table => print_pods(std::slice::from_ref(&pod)),
+            }
         }
         PodCommand::List(read) => {
             let request = ReadRequest { stale: read.stale };
@@ -420,20 +536,129 @@ pub async fn pod(connector: &ZoneConnector, command: PodCommand) -> Result<(), C
                 .map_err(CallError)?;
             match read.output {
                 Output::Json => {
-                    let pods: Vec<_> = list.pods.iter().map(|p| json!({
-                        "name": p.name, "cpu_ratio": p.cpu_ratio,
-                        "memory_ratio": p.memory_ratio, "placement": p.placement,
-                    })).collect();
+                    let pods: Vec<_> = list.pods.iter().map(pod_json).collect();
                     print_json(&json!({ "pods": pods, "read": read_json(&list.read) }));
                 }
                 Output::Table => {
-                    println!("{:<12}  {:>9}  {:>12}  {:<9}", "POD", "CPU_RATIO", "MEMORY_RATIO", "PLACEMENT");
-                    for p in &list.pods {
-                        println!("{:<12}  {:>9}  {:>12}  {:<9}", p.name, p.cpu_ratio, p.memory_ratio, p.placement);
-                    }
+                    print_pods(&list.pods);
                     note_staleness(&list.read);
                 }
             }
+        }
+        PodCommand::Show { name, read } => {
+            let request = GetPodRequest { name, stale: read.stale };
+            let reply = connector
+                .call_until(RETRY_WINDOW, |mut c| {
+                    let r = request.clone();
+                    async move { c.get_pod(r).await }
+                })
+                .await
+                .map_err(CallError)?;
+            let pod = reply.pod.unwrap_or_default();
+            match read.output {
+                Output::Json => {
+                    let mut value = pod_json(&pod);
+                    value["read"] = read_json(&reply.read);
+                    print_json(&value);
+                }
+                Output::Table => {
+                    print_pods(std::slice::from_ref(&pod));
+                    note_staleness(&reply.read);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn network_json(n: &Network) -> serde_json::Value {
+    json!({
+        "name": n.name, "pod": n.pod, "mode": n.mode, "segmentation_id": n.segmentation_id,
+        "cidr": n.cidr, "created_index": n.created_index, "state": n.state,
+    })
+}
+
+fn print_networks(networks: &[Network]) {
+    println!(
+        "{:<20}  {:<12}  {:<5}  {:>8}  {:<18}  {:<8}",
+        "NETWORK", "POD", "MODE", "SEGMENT", "CIDR", "STATE"
+    );
+    for n in networks {
+        println!(
+            "{:<20}  {:<12}  {:<5}  {:>8}  {:<18}  {:<8}",
+            n.name, n.pod, n.mode, n.segmentation_id, n.cidr, n.state
+        );
+    }
+}
+
+pub async fn network(connector: &ZoneConnector, command: NetworkCommand) -> Result<(), CallError> {
+    match command {
+        NetworkCommand::Create { name, pod, cidr, output } => {
+            let request = CreateNetworkRequest { name, pod, cidr };
+            // A retry of a create that was applied fails with NAME_TAKEN, so
+            // after that error `ccs network show` shows whether this create made it.
+            let network = connector
+                .call_until(RETRY_WINDOW, |mut c| {
+                    let r = request.clone();
+                    async move { c.create_network(r).await }
+                })
+                .await
+                .map_err(CallError)?;
+            match output {
+                Output::Json => print_json(&network_json(&network)),
+                Output::Table => print_networks(std::slice::from_ref(&network)),
+            }
+        }
+        NetworkCommand::List(read) => {
+            let request = ReadRequest { stale: read.stale };
+            let list = connector
+                .call_until(RETRY_WINDOW, |mut c| async move { c.list_networks(request).await })
+                .await
+                .map_err(CallError)?;
+            match read.output {
+                Output::Json => {
+                    let networks: Vec<_> = list.networks.iter().map(network_json).collect();
+                    print_json(&json!({ "networks": networks, "read": read_json(&list.read) }));
+                }
+                Output::Table => {
+                    print_networks(&list.networks);
+                    note_staleness(&list.read);
+                }
+            }
+        }
+        NetworkCommand::Show { name, read } => {
+            let request = GetNetworkRequest { name, stale: read.stale };
+            let reply = connector
+                .call_until(RETRY_WINDOW, |mut c| {
+                    let r = request.clone();
+                    async move { c.get_network(r).await }
+                })
+                .await
+                .map_err(CallError)?;
+            let network = reply.network.unwrap_or_default();
+            match read.output {
+                Output::Json => {
+                    let mut value = network_json(&network);
+                    value["read"] = read_json(&reply.read);
+                    print_json(&value);
+                }
+                Output::Table => {
+                    print_networks(std::slice::from_ref(&network));
+                    note_staleness(&reply.read);
+                }
+            }
+        }
+        NetworkCommand::Delete { name } => {
+            let request = NetworkRef { name };
+            let network = connector
+                .call_until(RETRY_WINDOW, |mut c| {
+                    let r = request.clone();
+                    async move { c.delete_network(r).await }
+                })
+                .await
+                .map_err(CallError)?;
+            let mode = if network.mode == "vxlan" { "VNI" } else { "VLAN id" };
+            println!("deleted {}; {mode} {} is free", network.name, network.segmentation_id);
         }
     }
     Ok(())

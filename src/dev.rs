@@ -253,9 +253,10 @@ async fn create_pods(connector: &ZoneConnector) -> anyhow::Result<()> {
     for pod in &PODS {
         let request = CreatePodRequest {
             name: pod.name.to_string(),
-            cpu_ratio: pod.cpu_ratio,
-            memory_ratio: pod.memory_ratio,
+            cpu_ratio: Some(pod.cpu_ratio),
+            memory_ratio: Some(pod.memory_ratio),
             placement: pod.placement.to_string(),
+            ..CreatePodRequest::default()
         };
         let result = connector
             .call_until(STARTUP_TIMEOUT, |mut client| {

@@ -62,9 +62,12 @@ enum Command {
     /// Inspect hosts.
     #[command(subcommand)]
     Host(cli::HostCommand),
-    /// Create and list pods.
+    /// Create, list and show pods.
     #[command(subcommand)]
     Pod(cli::PodCommand),
+    /// Create, list, show and delete tenant networks.
+    #[command(subcommand)]
+    Network(cli::NetworkCommand),
     /// Read and write zone keys: small metadata values, linearizable.
     #[command(subcommand)]
     Key(cli::KeyCommand),
@@ -104,6 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Instance(command) => cli::instance(&connect()?, command).await?,
         Command::Host(command) => cli::host(&connect()?, command).await?,
         Command::Pod(command) => cli::pod(&connect()?, command).await?,
+        Command::Network(command) => cli::network(&connect()?, command).await?,
         Command::Zone(command) => cli::zone(&connect()?, command).await?,
         Command::Key(command) => cli::key(&connect()?, command).await?,
         Command::Bench(command) => ccs::bench::run(&connect()?, command).await?,

@@ -16,12 +16,13 @@ use ccs::client::{reason, ZoneConnector};
 use ccs::proto::agent::agent_client::AgentClient;
 use ccs::proto::agent::{LeaderId, ListDomainsRequest, Order, OrderAction};
 use ccs::proto::zone::{
-    AddReplicaRequest, CreateInstanceRequest, GetInstanceRequest, Instance, InstanceRef,
+    AddReplicaRequest, CreateInstanceRequest, CreateNetworkRequest, CreatePodRequest,
+    GetInstanceRequest, GetPodRequest, Instance, InstanceRef, Network, NetworkRef, Pod,
     ReadRequest, RegisterHostRequest, RemoveReplicaRequest,
 };
 use futures::stream::{self, StreamExt};
 use tokio::sync::watch;
-use tonic::Code;
+use tonic::{Code, Status};
 
 use common::*;
 
@@ -669,7 +670,10 @@ async fn wait_for_voters(cluster: &Cluster, expected: &BTreeSet<u64>) {
         // A membership that is joint or not applied yet may still change,
         // so the wait ends only on a committed one.
         if &actual == expected && status.membership_committed {
-            assert!(status.membership_index > 0, "a committed membership has a log index");
+            assert!(
+                status.membership_index > 0,
+                "a committed membership has a log index"
+            );
             Ok(())
         } else {
             Err(format!("voters {actual:?}, replicas {:?}", status.replicas))
@@ -996,9 +1000,16 @@ async fn zone_keys_compare_and_swap() {
     let cluster = Cluster::start(options).await;
     let connector = cluster.connector();
     let leader = cluster.leader_id().await;
-    let follower = *cluster.live_controllers().iter().find(|id| **id != leader).expect("a follower");
+    let follower = *cluster
+        .live_controllers()
+        .iter()
+        .find(|id| **id != leader)
+        .expect("a follower");
 
-    let put = PutKeyRequest { key: "owner".into(), value: "alice".into() };
+    let put = PutKeyRequest {
+        key: "owner".into(),
+        value: "alice".into(),
+    };
     let written = connector
         .call_until(Duration::from_secs(20), |mut c| {
             let r = put.clone();
@@ -1009,7 +1020,10 @@ async fn zone_keys_compare_and_swap() {
     assert!(written.modified_index > 0, "a put reports its log index");
 
     // A follower forwards the read to the leader, so it sees the put at once.
-    let get = GetKeyRequest { key: "owner".into(), stale: false };
+    let get = GetKeyRequest {
+        key: "owner".into(),
+        stale: false,
+    };
     let read = cluster
         .connector_for(follower)
         .call(|mut c| {
@@ -1039,7 +1053,11 @@ async fn zone_keys_compare_and_swap() {
         .expect_err("a swap expecting the old value fails");
     assert_eq!(stale.code(), Code::FailedPrecondition);
     assert_eq!(reason(&stale), Some("CAS_MISMATCH"));
-    assert!(stale.message().contains("\"bob\""), "message names the value held: {}", stale.message());
+    assert!(
+        stale.message().contains("\"bob\""),
+        "message names the value held: {}",
+        stale.message()
+    );
 
     let exists = connector
         .call(|mut c| async move { c.compare_and_swap_key(swap(None, "dave")).await })
@@ -1047,7 +1065,11 @@ async fn zone_keys_compare_and_swap() {
         .expect_err("create-if-absent fails on an existing key");
     assert_eq!(reason(&exists), Some("CAS_MISMATCH"));
 
-    let fresh = CompareAndSwapKeyRequest { key: "new".into(), expected: None, value: "1".into() };
+    let fresh = CompareAndSwapKeyRequest {
+        key: "new".into(),
+        expected: None,
+        value: "1".into(),
+    };
     let created = connector
         .call(|mut c| {
             let r = fresh.clone();
@@ -1057,7 +1079,10 @@ async fn zone_keys_compare_and_swap() {
         .expect("create-if-absent on a new key");
     assert_eq!(created.value, "1");
 
-    let missing = GetKeyRequest { key: "never-written".into(), stale: false };
+    let missing = GetKeyRequest {
+        key: "never-written".into(),
+        stale: false,
+    };
     let absent = connector
         .call(|mut c| {
             let r = missing.clone();
@@ -1067,7 +1092,10 @@ async fn zone_keys_compare_and_swap() {
         .expect("get a missing key");
     assert!(!absent.found);
 
-    let empty = PutKeyRequest { key: String::new(), value: "x".into() };
+    let empty = PutKeyRequest {
+        key: String::new(),
+        value: "x".into(),
+    };
     let invalid = connector
         .call(|mut c| {
             let r = empty.clone();
@@ -1076,4 +1104,532 @@ async fn zone_keys_compare_and_swap() {
         .await
         .expect_err("an empty key is invalid");
     assert_eq!(invalid.code(), Code::InvalidArgument);
+}
+
+/// Creates a pod, retrying while the zone has no leader.
+async fn create_pod(connector: &ZoneConnector, request: &CreatePodRequest) -> Result<Pod, Status> {
+    connector
+        .call_until(START_TIMEOUT, |mut c| {
+            let request = request.clone();
+            async move { c.create_pod(request).await }
+        })
+        .await
+}
+
+/// A VLAN pod with the segmentation ids `first..=last`.
+fn vlan_pod(name: &str, first: u32, last: u32) -> CreatePodRequest {
+    CreatePodRequest {
+        name: name.to_string(),
+        network_mode: "vlan".to_string(),
+        segmentation_first: Some(first),
+        segmentation_last: Some(last),
+        ..CreatePodRequest::default()
+    }
+}
+
+/// Creates a network, retrying while the zone has no leader. A create
+/// retried after an indeterminate status may come back NAME_TAKEN, which
+/// fails these fault-free tests loudly rather than hiding a second apply.
+async fn create_network(
+    connector: &ZoneConnector,
+    name: &str,
+    pod: &str,
+    cidr: &str,
+) -> Result<Network, Status> {
+    let request = CreateNetworkRequest {
+        name: name.to_string(),
+        pod: pod.to_string(),
+        cidr: cidr.to_string(),
+    };
+    connector
+        .call_until(START_TIMEOUT, |mut c| {
+            let request = request.clone();
+            async move { c.create_network(request).await }
+        })
+        .await
+}
+
+/// Creates networks `{prefix}-0` to `{prefix}-{count - 1}` in `pod`,
+/// `parallel` at a time, and returns every one, failing on any error.
+async fn create_networks(
+    connector: &ZoneConnector,
+    prefix: &str,
+    pod: &str,
+    count: usize,
+    parallel: usize,
+) -> Vec<Network> {
+    let names: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+    let results: Vec<(String, Result<Network, Status>)> = stream::iter(names)
+        .map(|name| async move {
+            let result = create_network(connector, &name, pod, "10.0.0.0/24").await;
+            (name, result)
+        })
+        .buffer_unordered(parallel)
+        .collect()
+        .await;
+    results
+        .into_iter()
+        .map(|(name, result)| {
+            result.unwrap_or_else(|s| panic!("creating network {name} failed: {s:?}"))
+        })
+        .collect()
+}
+
+async fn list_networks(connector: &ZoneConnector) -> Vec<Network> {
+    connector
+        .call_until(START_TIMEOUT, |mut c| async move {
+            c.list_networks(ReadRequest { stale: false }).await
+        })
+        .await
+        .unwrap_or_else(|s| panic!("ListNetworks failed: {s:?}"))
+        .networks
+}
+
+/// Concurrent network creates in one VLAN pod get distinct VLAN ids: the
+/// lowest free ones, since apply allocates them one command at a time.
+///
+/// 1. Start 3 controllers and no agent; create the pod "tenants" with VLAN
+///    ids 100 to 999.
+/// 2. Create 200 networks, 16 at a time: every create succeeds.
+/// 3. The 200 VLAN ids are distinct and are exactly 100 to 299.
+/// 4. ListNetworks returns exactly the 200 networks, with the ids the
+///    creates returned, in mode "vlan" and state "active".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_creates_get_distinct_vlans() {
+    let options = ClusterOptions {
+        agents: 0,
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(options).await;
+    let connector = cluster.connector();
+    create_pod(&connector, &vlan_pod("tenants", 100, 999))
+        .await
+        .unwrap_or_else(|s| panic!("creating pod \"tenants\" failed: {s:?}"));
+
+    // Step 2.
+    let created = create_networks(&connector, "tenant", "tenants", 200, 16).await;
+    assert_eq!(created.len(), 200);
+
+    // Step 3.
+    let ids: BTreeSet<u32> = created.iter().map(|n| n.segmentation_id).collect();
+    assert_eq!(ids.len(), 200, "two creates got the same VLAN id");
+    assert_eq!(
+        ids,
+        (100..300).collect::<BTreeSet<u32>>(),
+        "ids are not the lowest free ones"
+    );
+
+    // Step 4.
+    let by_name: BTreeMap<String, u32> = created
+        .iter()
+        .map(|n| (n.name.clone(), n.segmentation_id))
+        .collect();
+    let listed = list_networks(&connector).await;
+    let listed_by_name: BTreeMap<String, u32> = listed
+        .iter()
+        .map(|n| (n.name.clone(), n.segmentation_id))
+        .collect();
+    assert_eq!(
+        listed.len(),
+        200,
+        "ListNetworks returned {} networks",
+        listed.len()
+    );
+    assert_eq!(
+        listed_by_name, by_name,
+        "listed ids differ from the created ones"
+    );
+    for network in &listed {
+        assert_eq!(network.pod, "tenants", "{network:?}");
+        assert_eq!(network.mode, "vlan", "{network:?}");
+        assert_eq!(network.state, "active", "{network:?}");
+        assert_eq!(network.cidr, "10.0.0.0/24", "{network:?}");
+    }
+}
+
+/// Checks that `status` is the range-exhausted error of `pod` over `range`.
+fn assert_range_exhausted(status: &Status, pod: &str, range: &str) {
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(status), Some("RANGE_EXHAUSTED"), "{status:?}");
+    let message = status.message();
+    assert!(
+        message.contains(&format!("{pod:?}")),
+        "message does not name the pod: {message}"
+    );
+    assert!(
+        message.contains(range),
+        "message does not name the range {range}: {message}"
+    );
+    assert!(
+        message.contains("delete networks"),
+        "message does not say what to do: {message}"
+    );
+}
+
+/// Running out of VLAN ids is a clear error, and a delete frees exactly
+/// the deleted network's id.
+///
+/// 1. Start 3 controllers and no agent; create the pods "tiny" (VLAN ids
+///    1 to 5) and "full" (VLAN ids 1 to 4094).
+/// 2. Create 5 networks in "tiny"; the 6th fails with RANGE_EXHAUSTED,
+///    naming the pod and the range 1..5.
+/// 3. Create 4094 networks in "full", 32 at a time, and print how long it
+///    took: every create succeeds, with the ids 1 to 4094.
+/// 4. The 4095th fails with RANGE_EXHAUSTED, naming "full" and 1..4094.
+/// 5. Delete the network that has id 2000: the next create gets 2000,
+///    and the one after fails with RANGE_EXHAUSTED again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vlan_range_exhaustion_is_reported() {
+    let options = ClusterOptions {
+        agents: 0,
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(options).await;
+    let connector = cluster.connector();
+    for request in [vlan_pod("tiny", 1, 5), vlan_pod("full", 1, 4094)] {
+        create_pod(&connector, &request)
+            .await
+            .unwrap_or_else(|s| panic!("creating pod {} failed: {s:?}", request.name));
+    }
+
+    // Step 2.
+    let tiny = create_networks(&connector, "tiny", "tiny", 5, 5).await;
+    let tiny_ids: BTreeSet<u32> = tiny.iter().map(|n| n.segmentation_id).collect();
+    assert_eq!(tiny_ids, (1..=5).collect::<BTreeSet<u32>>());
+    let sixth = create_network(&connector, "tiny-6", "tiny", "10.0.0.0/24")
+        .await
+        .expect_err("the 6th network in a 5-id range was created");
+    assert_range_exhausted(&sixth, "tiny", "1..5");
+
+    // Step 3.
+    let started = std::time::Instant::now();
+    let full = create_networks(&connector, "full", "full", 4094, 32).await;
+    let elapsed = started.elapsed();
+    eprintln!(
+        "4094 network creates, 32 at a time, took {:.1} s ({:.0} per second)",
+        elapsed.as_secs_f64(),
+        4094.0 / elapsed.as_secs_f64()
+    );
+    let full_ids: BTreeSet<u32> = full.iter().map(|n| n.segmentation_id).collect();
+    assert_eq!(
+        full_ids,
+        (1..=4094).collect::<BTreeSet<u32>>(),
+        "ids are not exactly 1 to 4094"
+    );
+
+    // Step 4.
+    let extra = create_network(&connector, "full-4095th", "full", "10.0.0.0/24")
+        .await
+        .expect_err("the 4095th network in a 4094-id range was created");
+    assert_range_exhausted(&extra, "full", "1..4094");
+
+    // Step 5.
+    let holder = full
+        .iter()
+        .find(|n| n.segmentation_id == 2000)
+        .expect("a network has id 2000");
+    let request = NetworkRef {
+        name: holder.name.clone(),
+    };
+    let deleted = connector
+        .call_until(START_TIMEOUT, |mut c| {
+            let request = request.clone();
+            async move { c.delete_network(request).await }
+        })
+        .await
+        .unwrap_or_else(|s| panic!("deleting {} failed: {s:?}", holder.name));
+    assert_eq!(deleted.segmentation_id, 2000);
+    let reused = create_network(&connector, "full-reuse", "full", "10.0.0.0/24")
+        .await
+        .unwrap_or_else(|s| panic!("creating a network after a delete failed: {s:?}"));
+    assert_eq!(
+        reused.segmentation_id, 2000,
+        "the freed id was not the one reused"
+    );
+    let again = create_network(&connector, "full-again", "full", "10.0.0.0/24")
+        .await
+        .expect_err("a delete freed more than one id");
+    assert_range_exhausted(&again, "full", "1..4094");
+}
+
+/// A pod or network request the zone must reject, with its reason.
+struct InvalidCase<T> {
+    case: &'static str,
+    request: T,
+    reason: &'static str,
+}
+
+/// Invalid pods and networks are rejected with the documented reason and
+/// leave nothing behind; valid pods show their attributes and defaults.
+///
+/// 1. Start 3 controllers and no agent.
+/// 2. Send each invalid pod of the table: INVALID_ARGUMENT.
+/// 3. Create a SAN pod with a VXLAN range and show it: every attribute is
+///    as requested. Show the fixture's pod, created with no attribute:
+///    DAS, "general", storage ratio 1, VLAN ids 1 to 4094.
+/// 4. ListPods lists only those two pods.
+/// 5. Send each invalid network create and delete of the second table,
+///    with its reason; ListNetworks is then empty but for "taken".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_pods_and_networks_are_rejected() {
+    let options = ClusterOptions {
+        agents: 0,
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start(options).await;
+    let connector = cluster.connector();
+
+    // Step 2.
+    let pod = |name: &str| CreatePodRequest {
+        name: name.to_string(),
+        ..CreatePodRequest::default()
+    };
+    let invalid = "INVALID_ARGUMENT";
+    let pods = [
+        InvalidCase {
+            case: "first after last",
+            request: vlan_pod("reversed", 200, 100),
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "VLAN id 0",
+            request: vlan_pod("vlan-zero", 0, 100),
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "VLAN id 4095",
+            request: vlan_pod("vlan-4095", 1, 4095),
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "VNI beyond 24 bits",
+            request: CreatePodRequest {
+                network_mode: "vxlan".into(),
+                segmentation_first: Some(1),
+                segmentation_last: Some(1 << 24),
+                ..pod("vni-25-bits")
+            },
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "san without san_agent",
+            request: CreatePodRequest {
+                storage: "san".into(),
+                ..pod("san-alone")
+            },
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "das with san_agent",
+            request: CreatePodRequest {
+                san_agent: "array-1".into(),
+                ..pod("das-agent")
+            },
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "unknown storage model",
+            request: CreatePodRequest {
+                storage: "nfs".into(),
+                ..pod("nfs")
+            },
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "unknown network mode",
+            request: CreatePodRequest {
+                network_mode: "geneve".into(),
+                ..pod("geneve")
+            },
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "cpu ratio 0",
+            request: CreatePodRequest {
+                cpu_ratio: Some(0.0),
+                ..pod("cpu-zero")
+            },
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "storage ratio 100",
+            request: CreatePodRequest {
+                storage_ratio: Some(100.0),
+                ..pod("disk-100")
+            },
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "existing pod",
+            request: pod(POD),
+            reason: "POD_EXISTS",
+        },
+    ];
+    for case in &pods {
+        let status = create_pod(&connector, &case.request)
+            .await
+            .expect_err(&format!("{}: the pod was created", case.case));
+        assert_eq!(
+            reason(&status),
+            Some(case.reason),
+            "{}: {status:?}",
+            case.case
+        );
+    }
+
+    // Step 3.
+    let san = CreatePodRequest {
+        name: "san-overlay".into(),
+        cpu_ratio: Some(4.0),
+        storage: "san".into(),
+        san_agent: "array-1".into(),
+        workload_class: "gpu".into(),
+        storage_ratio: Some(2.5),
+        network_mode: "vxlan".into(),
+        segmentation_first: Some(5000),
+        segmentation_last: Some(16_777_215),
+        ..CreatePodRequest::default()
+    };
+    create_pod(&connector, &san)
+        .await
+        .unwrap_or_else(|s| panic!("creating the SAN pod failed: {s:?}"));
+    let show = |name: &str| {
+        let request = GetPodRequest {
+            name: name.to_string(),
+            stale: false,
+        };
+        let connector = &connector;
+        async move {
+            connector
+                .call_until(START_TIMEOUT, |mut c| {
+                    let request = request.clone();
+                    async move { c.get_pod(request).await }
+                })
+                .await
+                .unwrap_or_else(|s| panic!("GetPod failed: {s:?}"))
+                .pod
+                .expect("GetPod returns a pod")
+        }
+    };
+    let shown = show("san-overlay").await;
+    let expected = Pod {
+        name: "san-overlay".into(),
+        cpu_ratio: 4.0,
+        memory_ratio: 1.0,
+        placement: "pack".into(),
+        storage: "san".into(),
+        san_agent: "array-1".into(),
+        workload_class: "gpu".into(),
+        storage_ratio: 2.5,
+        network_mode: "vxlan".into(),
+        segmentation_first: 5000,
+        segmentation_last: 16_777_215,
+    };
+    assert_eq!(shown, expected);
+    let fixture = show(POD).await;
+    assert_eq!(fixture.storage, "das");
+    assert_eq!(fixture.san_agent, "");
+    assert_eq!(fixture.workload_class, "general");
+    assert_eq!(fixture.storage_ratio, 1.0);
+    assert_eq!(fixture.network_mode, "vlan");
+    assert_eq!(
+        (fixture.segmentation_first, fixture.segmentation_last),
+        (1, 4094)
+    );
+
+    // Step 4.
+    let listed = connector
+        .call_until(START_TIMEOUT, |mut c| async move {
+            c.list_pods(ReadRequest { stale: false }).await
+        })
+        .await
+        .unwrap_or_else(|s| panic!("ListPods failed: {s:?}"))
+        .pods;
+    let names: Vec<&str> = listed.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [POD, "san-overlay"],
+        "rejected pods left records behind"
+    );
+
+    // Step 5.
+    create_network(&connector, "taken", POD, "10.0.0.0/24")
+        .await
+        .unwrap_or_else(|s| panic!("creating \"taken\" failed: {s:?}"));
+    let network = |name: &str, pod: &str, cidr: &str| CreateNetworkRequest {
+        name: name.into(),
+        pod: pod.into(),
+        cidr: cidr.into(),
+    };
+    let networks = [
+        InvalidCase {
+            case: "host bits set",
+            request: network("host-bits", POD, "10.0.0.1/24"),
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "prefix /31",
+            request: network("slash-31", POD, "10.0.0.0/31"),
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "prefix /7",
+            request: network("slash-7", POD, "10.0.0.0/7"),
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "IPv6",
+            request: network("ipv6", POD, "fd00::/64"),
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "no prefix",
+            request: network("bare", POD, "10.0.0.0"),
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "upper-case name",
+            request: network("Upper", POD, "10.0.0.0/24"),
+            reason: invalid,
+        },
+        InvalidCase {
+            case: "unknown pod",
+            request: network("lost", "no-such-pod", "10.0.0.0/24"),
+            reason: "POD_NOT_FOUND",
+        },
+        InvalidCase {
+            case: "taken name",
+            request: network("taken", POD, "10.1.0.0/16"),
+            reason: "NAME_TAKEN",
+        },
+    ];
+    for case in &networks {
+        let request = &case.request;
+        let status = create_network(&connector, &request.name, &request.pod, &request.cidr)
+            .await
+            .expect_err(&format!("{}: the network was created", case.case));
+        assert_eq!(
+            reason(&status),
+            Some(case.reason),
+            "{}: {status:?}",
+            case.case
+        );
+    }
+    let missing = connector
+        .call_until(START_TIMEOUT, |mut c| async move {
+            c.delete_network(NetworkRef {
+                name: "never-created".into(),
+            })
+            .await
+        })
+        .await
+        .expect_err("deleting a missing network succeeded");
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    assert_eq!(reason(&missing), Some("NETWORK_NOT_FOUND"), "{missing:?}");
+    let names: Vec<String> = list_networks(&connector)
+        .await
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    assert_eq!(names, ["taken"], "rejected creates left networks behind");
 }

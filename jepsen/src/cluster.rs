@@ -668,9 +668,10 @@ impl Cluster {
     async fn create_pod(&self) -> anyhow::Result<()> {
         let request = CreatePodRequest {
             name: POD.to_string(),
-            cpu_ratio: POD_CPU_RATIO,
-            memory_ratio: POD_MEMORY_RATIO,
+            cpu_ratio: Some(POD_CPU_RATIO),
+            memory_ratio: Some(POD_MEMORY_RATIO),
             placement: "spread".to_string(),
+            ..CreatePodRequest::default()
         };
         let created = self
             .connector()

@@ -6,9 +6,10 @@
 //! | reason            | gRPC code           | the write may have happened |
 //! |-------------------|---------------------|-----------------------------|
 //! | INVALID_ARGUMENT  | INVALID_ARGUMENT    | no                          |
-//! | POD_NOT_FOUND, HOST_NOT_FOUND, INSTANCE_NOT_FOUND | NOT_FOUND | no       |
+//! | POD_NOT_FOUND, HOST_NOT_FOUND, INSTANCE_NOT_FOUND, NETWORK_NOT_FOUND | NOT_FOUND | no |
 //! | NAME_TAKEN, POD_EXISTS | ALREADY_EXISTS | no                          |
 //! | NO_CAPACITY       | RESOURCE_EXHAUSTED  | no                          |
+//! | RANGE_EXHAUSTED   | RESOURCE_EXHAUSTED  | no (the pod has no free VLAN id or VNI) |
 //! | CONFLICT          | ABORTED             | no                          |
 //! | CAS_MISMATCH      | FAILED_PRECONDITION | no                          |
 //! | NOT_LEADER        | UNAVAILABLE         | no (refused before proposing; `ccs-leader` names the leader) |
@@ -101,7 +102,13 @@ fn rejection_code(rejection: &Rejection) -> (tonic::Code, &'static str) {
     use tonic::Code;
     match rejection {
         Rejection::PodExists(_) => (Code::AlreadyExists, "POD_EXISTS"),
-        Rejection::NameTaken(_) | Rejection::IdTaken(_) => (Code::AlreadyExists, "NAME_TAKEN"),
+        Rejection::NameTaken(_) | Rejection::IdTaken(_) | Rejection::NetworkNameTaken(_) => {
+            (Code::AlreadyExists, "NAME_TAKEN")
+        }
+        Rejection::UnknownNetwork(_) => (Code::NotFound, "NETWORK_NOT_FOUND"),
+        Rejection::SegmentationRangeExhausted { .. } => {
+            (Code::ResourceExhausted, "RANGE_EXHAUSTED")
+        }
         Rejection::UnknownPod(_) => (Code::NotFound, "POD_NOT_FOUND"),
         Rejection::UnknownHost(_) => (Code::NotFound, "HOST_NOT_FOUND"),
         Rejection::UnknownInstance(_) => (Code::NotFound, "INSTANCE_NOT_FOUND"),

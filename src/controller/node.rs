@@ -16,7 +16,9 @@ use crate::config::ControllerConfig;
 use crate::raft::types::{NodeId, Raft};
 use crate::store::db::{self, DbError, CF_HOSTS, CF_INSTANCES, CF_JOURNAL, CF_NAMES, CF_PODS};
 use crate::zone::command::{Command, CommandResult};
-use crate::zone::model::{Host, Instance, JournalEntry, KeyValue, LeaderStamp, Pod};
+use crate::zone::model::{
+    Host, Instance, JournalEntry, KeyValue, LeaderStamp, Network, Pod, PodProfile,
+};
 
 /// How long a proposal may wait for commit before the caller gets an indeterminate result.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(8);
@@ -119,6 +121,21 @@ impl Node {
 
     pub fn pod(&self, name: &str) -> Result<Option<Pod>, ApiError> {
         Ok(db::get(&self.db, CF_PODS, name.as_bytes())?)
+    }
+
+    /// Reads a pod's profile, or returns the default one for a pod created
+    /// before profiles existed.
+    pub fn pod_profile(&self, name: &str) -> Result<PodProfile, ApiError> {
+        let stored: Option<PodProfile> = db::get(&self.db, db::CF_POD_PROFILES, name.as_bytes())?;
+        Ok(stored.unwrap_or_default())
+    }
+
+    pub fn networks(&self) -> Result<Vec<Network>, ApiError> {
+        Ok(db::scan(&self.db, db::CF_NETWORKS)?)
+    }
+
+    pub fn network(&self, name: &str) -> Result<Option<Network>, ApiError> {
+        Ok(db::get(&self.db, db::CF_NETWORKS, name.as_bytes())?)
     }
 
     pub fn hosts(&self) -> Result<Vec<Host>, ApiError> {

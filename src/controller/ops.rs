@@ -4,6 +4,7 @@
 //! follower.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
@@ -13,7 +14,10 @@ use super::error::ApiError;
 use super::node::Node;
 use crate::scheduler::{self, Reserved};
 use crate::zone::command::{Command, CommandResult, Rejection};
-use crate::zone::model::{Host, HostHealth, Instance, KeyValue, Placement, Pod};
+use crate::zone::model::{
+    Host, HostHealth, Instance, KeyValue, Network, NetworkMode, Placement, Pod, PodProfile,
+    StorageModel, DEFAULT_WORKLOAD_CLASS,
+};
 
 /// Largest instance the API accepts: 256 vCPUs, 4 TiB memory, 64 TiB disk.
 const MAX_VCPUS: u32 = 256;
@@ -31,6 +35,138 @@ pub struct CreateInstance {
     pub disk_gib: u64,
     pub pod: Option<String>,
     pub request_id: Option<String>,
+}
+
+/// A request to create a pod; `None` fields take their defaults.
+#[derive(Clone, Debug, Default)]
+pub struct CreatePod {
+    pub name: String,
+    /// Default 1.0.
+    pub cpu_ratio: Option<f64>,
+    /// Default 1.0.
+    pub memory_ratio: Option<f64>,
+    /// "pack" (default) or "spread".
+    pub placement: Option<String>,
+    /// "das" (default) or "san".
+    pub storage: Option<String>,
+    /// Required in a SAN pod, rejected in a DAS pod.
+    pub san_agent: Option<String>,
+    /// Default "general".
+    pub workload_class: Option<String>,
+    /// Default 1.0.
+    pub storage_ratio: Option<f64>,
+    /// "vlan" (default) or "vxlan".
+    pub network: Option<String>,
+    /// Default: the whole range of the network mode.
+    pub segmentation_first: Option<u32>,
+    pub segmentation_last: Option<u32>,
+}
+
+/// Oversubscription ratios the API accepts, for CPU, memory and storage.
+const RATIO_RANGE: std::ops::RangeInclusive<f64> = 0.1..=64.0;
+/// Maximum length of a workload class, in bytes.
+const MAX_WORKLOAD_CLASS_BYTES: usize = 64;
+
+fn ratio(field: &'static str, value: Option<f64>) -> Result<f64, ApiError> {
+    let value = value.unwrap_or(1.0);
+    if !(value.is_finite() && RATIO_RANGE.contains(&value)) {
+        return Err(ApiError::invalid(field, value, "must be between 0.1 and 64"));
+    }
+    Ok(value)
+}
+
+impl CreatePod {
+    /// Validates the request and fills in defaults.
+    pub fn into_records(self) -> Result<(Pod, PodProfile), ApiError> {
+        validate_name("name", &self.name)?;
+        let pod = Pod {
+            name: self.name,
+            cpu_ratio: ratio("cpu_ratio", self.cpu_ratio)?,
+            memory_ratio: ratio("memory_ratio", self.memory_ratio)?,
+            placement: parse_placement(self.placement.as_deref().unwrap_or("pack"))?,
+        };
+        let storage = self.storage.as_deref().unwrap_or("das");
+        let storage = StorageModel::parse(storage)
+            .ok_or_else(|| ApiError::invalid("storage", storage, "use \"das\" or \"san\""))?;
+        let mode = self.network.as_deref().unwrap_or("vlan");
+        let reason = "use \"vlan\" or \"vxlan\"";
+        let network = NetworkMode::parse(mode)
+            .ok_or_else(|| ApiError::invalid("network_mode", mode, reason))?;
+        let (min, max) = network.max_range();
+        let profile = PodProfile {
+            storage,
+            san_agent: self.san_agent,
+            workload_class: self
+                .workload_class
+                .unwrap_or_else(|| DEFAULT_WORKLOAD_CLASS.to_string()),
+            storage_ratio: ratio("storage_ratio", self.storage_ratio)?,
+            network,
+            segmentation_first: self.segmentation_first.unwrap_or(min),
+            segmentation_last: self.segmentation_last.unwrap_or(max),
+        };
+        validate_profile(&profile)?;
+        Ok((pod, profile))
+    }
+}
+
+fn validate_profile(profile: &PodProfile) -> Result<(), ApiError> {
+    let class = &profile.workload_class;
+    let too_long = class.len() > MAX_WORKLOAD_CLASS_BYTES;
+    if class.is_empty() || too_long || class.chars().any(char::is_control) {
+        let reason =
+            format!("must be 1 to {MAX_WORKLOAD_CLASS_BYTES} bytes without control characters");
+        return Err(ApiError::invalid("workload_class", class, reason));
+    }
+    match (profile.storage, &profile.san_agent) {
+        (StorageModel::San, None) => {
+            let reason = "a san pod must name the host id of the agent that fronts its array";
+            return Err(ApiError::invalid("san_agent", "", reason));
+        }
+        (StorageModel::San, Some(agent)) => validate_name("san_agent", agent)?,
+        (StorageModel::Das, Some(agent)) => {
+            let reason = "only a san pod has an array agent; omit it for a das pod";
+            return Err(ApiError::invalid("san_agent", agent, reason));
+        }
+        (StorageModel::Das, None) => {}
+    }
+    let (first, last) = (profile.segmentation_first, profile.segmentation_last);
+    let (min, max) = profile.network.max_range();
+    let range = format!("{first}..{last}");
+    if first < min || last > max {
+        let reason = format!(
+            "{} pods use {}s from {min} to {max}",
+            profile.network.as_str(),
+            profile.network.id_name()
+        );
+        return Err(ApiError::invalid("segmentation_range", range, reason));
+    }
+    if first > last {
+        let reason = "the first id must not exceed the last";
+        return Err(ApiError::invalid("segmentation_range", range, reason));
+    }
+    Ok(())
+}
+
+/// Parses an IPv4 subnet in CIDR notation and returns it normalized. The
+/// prefix length must be 8 to 30, and the host bits must be zero.
+pub fn parse_cidr(text: &str) -> Result<String, ApiError> {
+    let syntax = || ApiError::invalid("cidr", text, "use IPv4 CIDR notation, such as 10.0.0.0/24");
+    let (addr, prefix) = text.split_once('/').ok_or_else(syntax)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| syntax())?;
+    if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(syntax());
+    }
+    let prefix: u32 = prefix.parse().map_err(|_| syntax())?;
+    if !(8..=30).contains(&prefix) {
+        return Err(ApiError::invalid("cidr", text, "the prefix length must be 8 to 30"));
+    }
+    let mask = u32::MAX << (32 - prefix);
+    let network = Ipv4Addr::from(u32::from(addr) & mask);
+    if network != addr {
+        let reason = format!("host bits are set; use {network}/{prefix}");
+        return Err(ApiError::invalid("cidr", text, reason));
+    }
+    Ok(format!("{network}/{prefix}"))
 }
 
 /// The leader's record of each host's liveness between heartbeats.
@@ -232,15 +368,36 @@ impl Zone {
         }
     }
 
-    pub async fn create_pod(&self, pod: Pod) -> Result<Pod, ApiError> {
-        validate_name("name", &pod.name)?;
-        for (field, ratio) in [("cpu_ratio", pod.cpu_ratio), ("memory_ratio", pod.memory_ratio)] {
-            if !(ratio.is_finite() && (0.1..=64.0).contains(&ratio)) {
-                return Err(ApiError::invalid(field, ratio, "must be between 0.1 and 64"));
-            }
+    pub async fn create_pod(&self, request: CreatePod) -> Result<(Pod, PodProfile), ApiError> {
+        let (pod, profile) = request.into_records()?;
+        match self.node.propose(Command::CreatePodWithProfile { pod, profile }).await? {
+            CommandResult::ProfiledPod(pod, profile) => Ok((pod, profile)),
+            CommandResult::Rejected(rejection) => Err(rejection.into()),
+            other => Err(ApiError::Internal(format!("unexpected result {other:?}"))),
         }
-        match self.node.propose(Command::CreatePod { pod }).await? {
-            CommandResult::Pod(pod) => Ok(pod),
+    }
+
+    /// Creates a tenant network; apply allocates its segmentation id.
+    pub async fn create_network(
+        &self,
+        name: String,
+        pod: String,
+        cidr: &str,
+    ) -> Result<Network, ApiError> {
+        validate_name("name", &name)?;
+        validate_name("pod", &pod)?;
+        let cidr = parse_cidr(cidr)?;
+        match self.node.propose(Command::CreateNetwork { name, pod, cidr }).await? {
+            CommandResult::Network(network) => Ok(network),
+            CommandResult::Rejected(rejection) => Err(rejection.into()),
+            other => Err(ApiError::Internal(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    /// Deletes a network and releases its segmentation id; returns the deleted record.
+    pub async fn delete_network(&self, name: String) -> Result<Network, ApiError> {
+        match self.node.propose(Command::DeleteNetwork { name }).await? {
+            CommandResult::Network(network) => Ok(network),
             CommandResult::Rejected(rejection) => Err(rejection.into()),
             other => Err(ApiError::Internal(format!("unexpected result {other:?}"))),
         }
@@ -347,4 +504,44 @@ impl Zone {
 
 pub fn parse_placement(text: &str) -> Result<Placement, ApiError> {
     Placement::parse(text).ok_or_else(|| ApiError::invalid("placement", text, "use \"pack\" or \"spread\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_is_normalized_and_checked() {
+        assert_eq!(parse_cidr("10.0.0.0/24").expect("valid"), "10.0.0.0/24");
+        assert_eq!(parse_cidr("172.16.0.0/12").expect("valid"), "172.16.0.0/12");
+        let invalid_cidrs = [
+            "10.0.0.1/24",
+            "10.0.0.0/31",
+            "10.0.0.0/7",
+            "10.0.0.0",
+            "10.0.0.0/",
+            "10.0.0.0/+24",
+            "fd00::/64",
+        ];
+        for invalid in invalid_cidrs {
+            assert!(parse_cidr(invalid).is_err(), "{invalid} was accepted");
+        }
+    }
+
+    #[test]
+    fn pod_defaults_follow_network_mode() {
+        let vxlan = CreatePod {
+            name: "overlay".into(),
+            network: Some("vxlan".into()),
+            ..CreatePod::default()
+        };
+        let (pod, profile) = vxlan.into_records().expect("valid");
+        assert_eq!((pod.cpu_ratio, pod.memory_ratio, pod.placement), (1.0, 1.0, Placement::Pack));
+        assert_eq!((profile.segmentation_first, profile.segmentation_last), (1, 16_777_215));
+        assert_eq!(profile.workload_class, "general");
+        let (_, vlan) = CreatePod { name: "plain".into(), ..CreatePod::default() }
+            .into_records()
+            .expect("valid");
+        assert_eq!(vlan, PodProfile::default());
+    }
 }

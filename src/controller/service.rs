@@ -13,14 +13,14 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::error::ApiError;
-use super::ops::{self, CreateInstance, Zone};
+use super::ops::{self, CreateInstance, CreatePod, Zone};
 use super::status;
 use crate::proto::agent::agent_client::AgentClient;
 use crate::proto::agent::ListDomainsRequest;
 use crate::proto::zone::zone_client::ZoneClient;
 use crate::proto::zone::zone_server;
 use crate::proto::zone::*;
-use crate::zone::command::Command;
+use crate::zone::command::{Command, Rejection};
 use crate::zone::model;
 
 /// Metadata key set on a forwarded call. A replica that receives a call with
@@ -128,12 +128,31 @@ fn host_message(host: &model::Host) -> Host {
     }
 }
 
-fn pod_message(pod: &model::Pod) -> Pod {
+fn pod_message(pod: &model::Pod, profile: &model::PodProfile) -> Pod {
     Pod {
         name: pod.name.clone(),
         cpu_ratio: pod.cpu_ratio,
         memory_ratio: pod.memory_ratio,
         placement: pod.placement.as_str().to_string(),
+        storage: profile.storage.as_str().to_string(),
+        san_agent: profile.san_agent.clone().unwrap_or_default(),
+        workload_class: profile.workload_class.clone(),
+        storage_ratio: profile.storage_ratio,
+        network_mode: profile.network.as_str().to_string(),
+        segmentation_first: profile.segmentation_first,
+        segmentation_last: profile.segmentation_last,
+    }
+}
+
+fn network_message(network: &model::Network) -> Network {
+    Network {
+        name: network.name.clone(),
+        pod: network.pod.clone(),
+        mode: network.mode.as_str().to_string(),
+        segmentation_id: network.segmentation_id,
+        cidr: network.cidr.clone(),
+        created_index: network.created_index,
+        state: network.state.as_str().to_string(),
     }
 }
 
@@ -244,22 +263,100 @@ impl zone_server::Zone for ZoneService {
     async fn create_pod(&self, request: Request<CreatePodRequest>) -> Result<Response<Pod>, Status> {
         write!(self, request, create_pod);
         let message = request.into_inner();
-        let placement = if message.placement.is_empty() { "pack".to_string() } else { message.placement };
-        let pod = model::Pod {
+        let create = CreatePod {
             name: message.name,
-            cpu_ratio: if message.cpu_ratio == 0.0 { 1.0 } else { message.cpu_ratio },
-            memory_ratio: if message.memory_ratio == 0.0 { 1.0 } else { message.memory_ratio },
-            placement: ops::parse_placement(&placement)?,
+            cpu_ratio: message.cpu_ratio,
+            memory_ratio: message.memory_ratio,
+            placement: non_empty(message.placement),
+            storage: non_empty(message.storage),
+            san_agent: non_empty(message.san_agent),
+            workload_class: non_empty(message.workload_class),
+            storage_ratio: message.storage_ratio,
+            network: non_empty(message.network_mode),
+            segmentation_first: message.segmentation_first,
+            segmentation_last: message.segmentation_last,
         };
-        let pod = self.zone.create_pod(pod).await?;
-        Ok(Response::new(pod_message(&pod)))
+        let (pod, profile) = self.zone.create_pod(create).await?;
+        Ok(Response::new(pod_message(&pod, &profile)))
+    }
+
+    async fn get_pod(&self, request: Request<GetPodRequest>) -> Result<Response<PodReply>, Status> {
+        let name = request.get_ref().name.clone();
+        read!(self, request, request.get_ref().stale, get_pod, |stale| {
+            let node = &self.zone.node;
+            let pod = node
+                .pod(&name)?
+                .ok_or_else(|| ApiError::from(Rejection::UnknownPod(name.clone())))?;
+            let profile = node.pod_profile(&name)?;
+            Ok::<_, ApiError>(PodReply {
+                pod: Some(pod_message(&pod, &profile)),
+                read: Some(self.read_info(stale)),
+            })
+        })
     }
 
     async fn list_pods(&self, request: Request<ReadRequest>) -> Result<Response<PodList>, Status> {
         read!(self, request, request.get_ref().stale, list_pods, |stale| {
-            let pods = self.zone.node.pods()?;
+            let node = &self.zone.node;
+            let mut pods = Vec::new();
+            for pod in node.pods()?.values() {
+                pods.push(pod_message(pod, &node.pod_profile(&pod.name)?));
+            }
             Ok::<_, ApiError>(PodList {
-                pods: pods.values().map(pod_message).collect(),
+                pods,
+                read: Some(self.read_info(stale)),
+            })
+        })
+    }
+
+    async fn create_network(
+        &self,
+        request: Request<CreateNetworkRequest>,
+    ) -> Result<Response<Network>, Status> {
+        write!(self, request, create_network);
+        let message = request.into_inner();
+        let network = self
+            .zone
+            .create_network(message.name, message.pod, &message.cidr)
+            .await?;
+        Ok(Response::new(network_message(&network)))
+    }
+
+    async fn delete_network(
+        &self,
+        request: Request<NetworkRef>,
+    ) -> Result<Response<Network>, Status> {
+        write!(self, request, delete_network);
+        let network = self.zone.delete_network(request.into_inner().name).await?;
+        Ok(Response::new(network_message(&network)))
+    }
+
+    async fn get_network(
+        &self,
+        request: Request<GetNetworkRequest>,
+    ) -> Result<Response<NetworkReply>, Status> {
+        let name = request.get_ref().name.clone();
+        read!(self, request, request.get_ref().stale, get_network, |stale| {
+            let network = self
+                .zone
+                .node
+                .network(&name)?
+                .ok_or_else(|| ApiError::from(Rejection::UnknownNetwork(name.clone())))?;
+            Ok::<_, ApiError>(NetworkReply {
+                network: Some(network_message(&network)),
+                read: Some(self.read_info(stale)),
+            })
+        })
+    }
+
+    async fn list_networks(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> Result<Response<NetworkList>, Status> {
+        read!(self, request, request.get_ref().stale, list_networks, |stale| {
+            let networks = self.zone.node.networks()?;
+            Ok::<_, ApiError>(NetworkList {
+                networks: networks.iter().map(network_message).collect(),
                 read: Some(self.read_info(stale)),
             })
         })

@@ -27,9 +27,18 @@ pub const CF_REQUESTS: &str = "requests";
 pub const CF_JOURNAL: &str = "journal";
 /// Zone keys: operator metadata in a small key-value store.
 pub const CF_KEYS: &str = "keys";
+/// Pod name to `PodProfile`.
+pub const CF_POD_PROFILES: &str = "pod_profiles";
+/// Network name to `Network`.
+pub const CF_NETWORKS: &str = "networks";
+/// Free segmentation ids of each pod, as ranges. The key is the pod name, a
+/// zero byte and the range's first id (big-endian u32). The value is its last id.
+pub const CF_SEGMENTATION_FREE: &str = "segmentation_free";
 
 /// The column families that make up the state machine, in snapshot order.
-pub const STATE_CFS: [&str; 8] = [
+/// A snapshot record names its column family by position here, so new
+/// families are appended.
+pub const STATE_CFS: [&str; 11] = [
     CF_SM_META,
     CF_PODS,
     CF_HOSTS,
@@ -38,6 +47,9 @@ pub const STATE_CFS: [&str; 8] = [
     CF_REQUESTS,
     CF_JOURNAL,
     CF_KEYS,
+    CF_POD_PROFILES,
+    CF_NETWORKS,
+    CF_SEGMENTATION_FREE,
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -6,21 +6,30 @@
 //! transaction. It reads no clock, draws no random numbers and does no I/O
 //! beyond RocksDB reads: ids and times are stamped into commands by the
 //! leader before they are proposed.
+//!
+//! Segmentation ids (VLAN ids and VNIs) are allocated here, so two racing
+//! network creates cannot get the same id. Each pod's free ids are stored
+//! as ranges keyed by their first id, so the lowest free id is one seek and
+//! a release merges with at most two neighbours, whatever the range size.
 
 use std::collections::BTreeMap;
 
-use rocksdb::{WriteBatch, DB};
+use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::command::{Command, CommandResult, Rejection};
 use super::model::{
-    DesiredState, Host, HostHealth, Instance, JournalEntry, KeyValue, ObservedState, OrderAction,
-    OrderOutcome, Pod,
+    DesiredState, Host, HostHealth, Instance, JournalEntry, KeyValue, Network, NetworkState,
+    ObservedState, OrderAction, OrderOutcome, Pod, PodProfile,
 };
 use crate::store::db::{
-    self, DbError, CF_HOSTS, CF_INSTANCES, CF_JOURNAL, CF_KEYS, CF_NAMES, CF_PODS, CF_REQUESTS,
+    self, DbError, CF_HOSTS, CF_INSTANCES, CF_JOURNAL, CF_KEYS, CF_NAMES, CF_NETWORKS, CF_PODS,
+    CF_POD_PROFILES, CF_REQUESTS, CF_SEGMENTATION_FREE,
 };
+
+/// A raw key and value read through a `Txn`.
+type Entry = (Vec<u8>, Vec<u8>);
 
 /// Pending writes of one apply call over the database, readable before commit.
 pub struct Txn<'a> {
@@ -53,6 +62,72 @@ impl<'a> Txn<'a> {
         self.overlay.insert((cf, key.to_vec()), None);
     }
 
+    /// Returns the entry with the smallest key in `start..end`, as the
+    /// pending writes would leave the column family.
+    pub fn first_in(
+        &self,
+        cf: &'static str,
+        start: &[u8],
+        end: &[u8],
+    ) -> Result<Option<Entry>, DbError> {
+        let pending = self
+            .overlay
+            .range((cf, start.to_vec())..(cf, end.to_vec()))
+            .find_map(|((_, key), value)| Some((key.clone(), value.clone()?)));
+        let handle = self.db.cf_handle(cf).expect("column family is created at open");
+        let mut stored = None;
+        for item in self.db.iterator_cf(&handle, IteratorMode::From(start, Direction::Forward)) {
+            let (key, value) = item?;
+            if key.as_ref() >= end {
+                break;
+            }
+            // Pending writes to this key, puts or deletes, take precedence.
+            if !self.overlay.contains_key(&(cf, key.to_vec())) {
+                stored = Some((key.to_vec(), value.to_vec()));
+                break;
+            }
+        }
+        Ok(match (pending, stored) {
+            (Some(pending), Some(stored)) => {
+                Some(if pending.0 <= stored.0 { pending } else { stored })
+            }
+            (pending, stored) => pending.or(stored),
+        })
+    }
+
+    /// Returns the entry with the largest key in `start..=last`, as the
+    /// pending writes would leave the column family.
+    pub fn last_in(
+        &self,
+        cf: &'static str,
+        start: &[u8],
+        last: &[u8],
+    ) -> Result<Option<Entry>, DbError> {
+        let pending = self
+            .overlay
+            .range((cf, start.to_vec())..=(cf, last.to_vec()))
+            .rev()
+            .find_map(|((_, key), value)| Some((key.clone(), value.clone()?)));
+        let handle = self.db.cf_handle(cf).expect("column family is created at open");
+        let mut stored = None;
+        for item in self.db.iterator_cf(&handle, IteratorMode::From(last, Direction::Reverse)) {
+            let (key, value) = item?;
+            if key.as_ref() < start {
+                break;
+            }
+            if !self.overlay.contains_key(&(cf, key.to_vec())) {
+                stored = Some((key.to_vec(), value.to_vec()));
+                break;
+            }
+        }
+        Ok(match (pending, stored) {
+            (Some(pending), Some(stored)) => {
+                Some(if pending.0 >= stored.0 { pending } else { stored })
+            }
+            (pending, stored) => pending.or(stored),
+        })
+    }
+
     /// Moves the pending writes into a RocksDB batch.
     pub fn into_batch(self) -> WriteBatch {
         let mut batch = WriteBatch::default();
@@ -70,7 +145,10 @@ impl<'a> Txn<'a> {
 /// Applies one command at log index `index`.
 pub fn apply_command(txn: &mut Txn, index: u64, command: &Command) -> Result<CommandResult, DbError> {
     let result = match command {
-        Command::CreatePod { pod } => create_pod(txn, pod)?,
+        Command::CreatePod { pod } => create_pod(txn, pod, None)?,
+        Command::CreatePodWithProfile { pod, profile } => create_pod(txn, pod, Some(profile))?,
+        Command::CreateNetwork { name, pod, cidr } => create_network(txn, index, name, pod, cidr)?,
+        Command::DeleteNetwork { name } => delete_network(txn, name)?,
         Command::RegisterHost {
             id,
             pod,
@@ -185,12 +263,152 @@ fn reject(rejection: Rejection) -> Result<CommandResult, DbError> {
     Ok(CommandResult::Rejected(rejection))
 }
 
-fn create_pod(txn: &mut Txn, pod: &Pod) -> Result<CommandResult, DbError> {
+fn create_pod(
+    txn: &mut Txn,
+    pod: &Pod,
+    profile: Option<&PodProfile>,
+) -> Result<CommandResult, DbError> {
     if txn.get::<Pod>(CF_PODS, pod.name.as_bytes())?.is_some() {
         return reject(Rejection::PodExists(pod.name.clone()));
     }
     txn.put(CF_PODS, pod.name.as_bytes(), pod)?;
-    Ok(CommandResult::Pod(pod.clone()))
+    let Some(profile) = profile else {
+        return Ok(CommandResult::Pod(pod.clone()));
+    };
+    put_profile(txn, &pod.name, profile)?;
+    Ok(CommandResult::ProfiledPod(pod.clone(), profile.clone()))
+}
+
+/// Stores a pod's profile and marks its whole segmentation range free.
+fn put_profile(txn: &mut Txn, pod: &str, profile: &PodProfile) -> Result<(), DbError> {
+    txn.put(CF_POD_PROFILES, pod.as_bytes(), profile)?;
+    let key = free_key(pod, profile.segmentation_first);
+    txn.put(CF_SEGMENTATION_FREE, &key, &profile.segmentation_last)
+}
+
+/// Reads a pod's profile. A pod created by the legacy `CreatePod` has none:
+/// it gets the default profile stored here, with its range free, at its first
+/// network create, so that every replica opens the range at the same index.
+fn stored_profile(txn: &mut Txn, pod: &str) -> Result<PodProfile, DbError> {
+    if let Some(profile) = txn.get::<PodProfile>(CF_POD_PROFILES, pod.as_bytes())? {
+        return Ok(profile);
+    }
+    let profile = PodProfile::default();
+    put_profile(txn, pod, &profile)?;
+    Ok(profile)
+}
+
+fn create_network(
+    txn: &mut Txn,
+    index: u64,
+    name: &str,
+    pod: &str,
+    cidr: &str,
+) -> Result<CommandResult, DbError> {
+    if txn.get::<Network>(CF_NETWORKS, name.as_bytes())?.is_some() {
+        return reject(Rejection::NetworkNameTaken(name.to_string()));
+    }
+    if txn.get::<Pod>(CF_PODS, pod.as_bytes())?.is_none() {
+        return reject(Rejection::UnknownPod(pod.to_string()));
+    }
+    let profile = stored_profile(txn, pod)?;
+    let Some(segmentation_id) = allocate_segmentation_id(txn, pod)? else {
+        return reject(Rejection::SegmentationRangeExhausted {
+            pod: pod.to_string(),
+            mode: profile.network,
+            first: profile.segmentation_first,
+            last: profile.segmentation_last,
+        });
+    };
+    // NOTE: IP leases inside `cidr` are not allocated yet; when they are,
+    // apply allocates them too, so they are unique by construction.
+    let network = Network {
+        name: name.to_string(),
+        pod: pod.to_string(),
+        mode: profile.network,
+        segmentation_id,
+        cidr: cidr.to_string(),
+        created_index: index,
+        state: NetworkState::Active,
+    };
+    txn.put(CF_NETWORKS, name.as_bytes(), &network)?;
+    Ok(CommandResult::Network(network))
+}
+
+fn delete_network(txn: &mut Txn, name: &str) -> Result<CommandResult, DbError> {
+    let Some(network) = txn.get::<Network>(CF_NETWORKS, name.as_bytes())? else {
+        return reject(Rejection::UnknownNetwork(name.to_string()));
+    };
+    // NOTE: no host carries networks yet. Once agents define them, delete
+    // must mark the network `Deleting` and release its id only after every
+    // host has removed it, or a new network could share a live segment.
+    txn.delete(CF_NETWORKS, name.as_bytes());
+    release_segmentation_id(txn, &network.pod, network.segmentation_id)?;
+    Ok(CommandResult::Network(network))
+}
+
+/// The key of the free range of `pod` that starts at `first`.
+fn free_key(pod: &str, first: u32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(pod.len() + 5);
+    key.extend_from_slice(pod.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&first.to_be_bytes());
+    key
+}
+
+/// The first key past every free range of `pod`. Pod names are DNS labels,
+/// so no pod name contains the zero byte and prefixes cannot overlap.
+fn free_keys_end(pod: &str) -> Vec<u8> {
+    let mut key = pod.as_bytes().to_vec();
+    key.push(1);
+    key
+}
+
+fn first_id_of(key: &[u8]) -> u32 {
+    let mut bytes = [0u8; 4];
+    bytes.copy_from_slice(&key[key.len() - 4..]);
+    u32::from_be_bytes(bytes)
+}
+
+/// Takes the lowest free segmentation id of `pod`, or returns `None` when
+/// its range is exhausted.
+fn allocate_segmentation_id(txn: &mut Txn, pod: &str) -> Result<Option<u32>, DbError> {
+    let lowest = txn.first_in(CF_SEGMENTATION_FREE, &free_key(pod, 0), &free_keys_end(pod))?;
+    let Some((key, value)) = lowest else {
+        return Ok(None);
+    };
+    let first = first_id_of(&key);
+    let last: u32 = db::decode(CF_SEGMENTATION_FREE, &value)?;
+    txn.delete(CF_SEGMENTATION_FREE, &key);
+    if first < last {
+        txn.put(CF_SEGMENTATION_FREE, &free_key(pod, first + 1), &last)?;
+    }
+    Ok(Some(first))
+}
+
+/// Returns `id` to the free ranges of `pod`, merged with the free ranges
+/// that end just below it and start just above it.
+fn release_segmentation_id(txn: &mut Txn, pod: &str, id: u32) -> Result<(), DbError> {
+    let (mut first, mut last) = (id, id);
+    let below = txn.last_in(CF_SEGMENTATION_FREE, &free_key(pod, 0), &free_key(pod, id))?;
+    if let Some((key, value)) = below {
+        let below_last: u32 = db::decode(CF_SEGMENTATION_FREE, &value)?;
+        if below_last >= id {
+            // Only a bug can free an id twice; keeping the ranges unchanged
+            // keeps them disjoint.
+            tracing::error!(pod, segmentation_id = id, "released segmentation id is already free");
+            return Ok(());
+        }
+        if below_last + 1 == id {
+            first = first_id_of(&key);
+        }
+    }
+    let above_key = free_key(pod, id + 1);
+    if let Some(above_last) = txn.get::<u32>(CF_SEGMENTATION_FREE, &above_key)? {
+        txn.delete(CF_SEGMENTATION_FREE, &above_key);
+        last = above_last;
+    }
+    txn.put(CF_SEGMENTATION_FREE, &free_key(pod, first), &last)
 }
 
 fn register_host(txn: &mut Txn, registration: Host) -> Result<CommandResult, DbError> {
@@ -419,4 +637,244 @@ fn observe_instance(
     instance.observed = observed;
     txn.put(CF_INSTANCES, instance_id.as_bytes(), &instance)?;
     Ok(CommandResult::Instance(instance))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::zone::model::{NetworkMode, Placement, StorageModel};
+
+    fn pod(name: &str) -> Pod {
+        Pod {
+            name: name.to_string(),
+            cpu_ratio: 1.0,
+            memory_ratio: 1.0,
+            placement: Placement::Pack,
+        }
+    }
+
+    fn vlan_profile(first: u32, last: u32) -> PodProfile {
+        PodProfile {
+            segmentation_first: first,
+            segmentation_last: last,
+            ..PodProfile::default()
+        }
+    }
+
+    /// A database in a temporary directory, with an index for each command.
+    struct Harness {
+        _dir: tempfile::TempDir,
+        db: std::sync::Arc<DB>,
+        index: u64,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let dir = tempfile::tempdir().expect("temporary directory");
+            let db = db::open(dir.path()).expect("open database");
+            Harness { _dir: dir, db, index: 0 }
+        }
+
+        /// Applies commands in one transaction, as one batch of log entries.
+        fn apply(&mut self, commands: &[Command]) -> Vec<CommandResult> {
+            let mut txn = Txn::new(&self.db);
+            let mut results = Vec::new();
+            for command in commands {
+                self.index += 1;
+                results.push(apply_command(&mut txn, self.index, command).expect("apply"));
+            }
+            self.db.write(txn.into_batch()).expect("write batch");
+            results
+        }
+
+        fn create_network(&mut self, name: &str, pod: &str) -> CommandResult {
+            let command = Command::CreateNetwork {
+                name: name.to_string(),
+                pod: pod.to_string(),
+                cidr: "10.0.0.0/24".to_string(),
+            };
+            self.apply(&[command]).remove(0)
+        }
+
+        fn delete_network(&mut self, name: &str) -> CommandResult {
+            self.apply(&[Command::DeleteNetwork { name: name.to_string() }]).remove(0)
+        }
+
+        /// The free ranges of `pod`, as stored.
+        fn free_ranges(&self, pod: &str) -> Vec<(u32, u32)> {
+            let handle = self.db.cf_handle(CF_SEGMENTATION_FREE).expect("column family");
+            let start = free_key(pod, 0);
+            let end = free_keys_end(pod);
+            let mut ranges = Vec::new();
+            let mode = IteratorMode::From(&start, Direction::Forward);
+            for item in self.db.iterator_cf(&handle, mode) {
+                let (key, value) = item.expect("iterate");
+                if key.as_ref() >= end.as_slice() {
+                    break;
+                }
+                let last: u32 = db::decode(CF_SEGMENTATION_FREE, &value).expect("decode");
+                ranges.push((first_id_of(&key), last));
+            }
+            ranges
+        }
+    }
+
+    fn segmentation_id(result: &CommandResult) -> u32 {
+        match result {
+            CommandResult::Network(network) => network.segmentation_id,
+            other => panic!("expected a network, got {other:?}"),
+        }
+    }
+
+    fn create_pod(harness: &mut Harness, name: &str, profile: PodProfile) {
+        let command = Command::CreatePodWithProfile { pod: pod(name), profile };
+        let result = harness.apply(&[command]).remove(0);
+        assert!(matches!(result, CommandResult::ProfiledPod(..)), "{result:?}");
+    }
+
+    #[test]
+    fn lowest_free_id_until_exhausted() {
+        let mut harness = Harness::new();
+        create_pod(&mut harness, "small", vlan_profile(100, 104));
+        for expected in 100..=104 {
+            let result = harness.create_network(&format!("net-{expected}"), "small");
+            assert_eq!(segmentation_id(&result), expected);
+        }
+        let exhausted = harness.create_network("one-too-many", "small");
+        let expected = Rejection::SegmentationRangeExhausted {
+            pod: "small".to_string(),
+            mode: NetworkMode::Vlan,
+            first: 100,
+            last: 104,
+        };
+        assert_eq!(exhausted, CommandResult::Rejected(expected));
+        assert_eq!(harness.free_ranges("small"), []);
+    }
+
+    #[test]
+    fn released_ids_merge_with_neighbours() {
+        let mut harness = Harness::new();
+        create_pod(&mut harness, "merge", vlan_profile(1, 10));
+        for id in 1..=8 {
+            harness.create_network(&format!("net-{id}"), "merge");
+        }
+        assert_eq!(harness.free_ranges("merge"), [(9, 10)]);
+
+        harness.delete_network("net-3");
+        harness.delete_network("net-5");
+        assert_eq!(harness.free_ranges("merge"), [(3, 3), (5, 5), (9, 10)]);
+        harness.delete_network("net-4");
+        assert_eq!(harness.free_ranges("merge"), [(3, 5), (9, 10)]);
+        harness.delete_network("net-8");
+        assert_eq!(harness.free_ranges("merge"), [(3, 5), (8, 10)]);
+        harness.delete_network("net-1");
+        assert_eq!(harness.free_ranges("merge"), [(1, 1), (3, 5), (8, 10)]);
+
+        // The lowest free id goes first.
+        assert_eq!(segmentation_id(&harness.create_network("again-1", "merge")), 1);
+        assert_eq!(segmentation_id(&harness.create_network("again-3", "merge")), 3);
+        assert_eq!(harness.free_ranges("merge"), [(4, 5), (8, 10)]);
+    }
+
+    /// Creates and deletes in one batch see each other's pending writes.
+    #[test]
+    fn one_batch_sees_pending_ranges() {
+        let mut harness = Harness::new();
+        let network = |name: &str| Command::CreateNetwork {
+            name: name.to_string(),
+            pod: "batch".to_string(),
+            cidr: "10.1.0.0/16".to_string(),
+        };
+        let results = harness.apply(&[
+            Command::CreatePodWithProfile { pod: pod("batch"), profile: vlan_profile(7, 9) },
+            network("a"),
+            network("b"),
+            Command::DeleteNetwork { name: "a".to_string() },
+            network("c"),
+            network("d"),
+            network("e"),
+        ]);
+        let ids: Vec<Option<u32>> = results[1..]
+            .iter()
+            .map(|result| match result {
+                CommandResult::Network(network) => Some(network.segmentation_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, [Some(7), Some(8), Some(7), Some(7), Some(9), None]);
+        assert!(matches!(
+            results[6],
+            CommandResult::Rejected(Rejection::SegmentationRangeExhausted { .. })
+        ));
+        assert_eq!(harness.free_ranges("batch"), []);
+    }
+
+    /// Two pods whose names share a prefix keep separate ranges.
+    #[test]
+    fn pods_allocate_independently() {
+        let mut harness = Harness::new();
+        create_pod(&mut harness, "a", vlan_profile(1, 2));
+        let vxlan = PodProfile {
+            storage: StorageModel::San,
+            san_agent: Some("array-1".to_string()),
+            network: NetworkMode::Vxlan,
+            segmentation_first: 5000,
+            segmentation_last: 16_777_215,
+            ..PodProfile::default()
+        };
+        create_pod(&mut harness, "a-b", vxlan);
+        assert_eq!(segmentation_id(&harness.create_network("n1", "a-b")), 5000);
+        assert_eq!(segmentation_id(&harness.create_network("n2", "a")), 1);
+        assert_eq!(segmentation_id(&harness.create_network("n3", "a")), 2);
+        assert_eq!(segmentation_id(&harness.create_network("n4", "a-b")), 5001);
+        match harness.create_network("n5", "a-b") {
+            CommandResult::Network(network) => assert_eq!(network.mode, NetworkMode::Vxlan),
+            other => panic!("expected a network, got {other:?}"),
+        }
+    }
+
+    /// A pod created before profiles existed gets the default profile, with
+    /// VLAN ids 1 to 4094, at its first network create.
+    #[test]
+    fn legacy_pod_gets_default_range() {
+        let mut harness = Harness::new();
+        harness.apply(&[Command::CreatePod { pod: pod("old") }]);
+        assert_eq!(harness.free_ranges("old"), []);
+        assert_eq!(segmentation_id(&harness.create_network("first", "old")), 1);
+        assert_eq!(harness.free_ranges("old"), [(2, 4094)]);
+        let stored: Option<PodProfile> =
+            db::get(&harness.db, CF_POD_PROFILES, b"old").expect("read");
+        assert_eq!(stored, Some(PodProfile::default()));
+    }
+
+    #[test]
+    fn network_rules() {
+        let mut harness = Harness::new();
+        create_pod(&mut harness, "p", vlan_profile(1, 4094));
+        harness.create_network("taken", "p");
+        assert_eq!(
+            harness.create_network("taken", "p"),
+            CommandResult::Rejected(Rejection::NetworkNameTaken("taken".to_string()))
+        );
+        assert_eq!(
+            harness.create_network("lost", "no-such-pod"),
+            CommandResult::Rejected(Rejection::UnknownPod("no-such-pod".to_string()))
+        );
+        assert_eq!(
+            harness.delete_network("never"),
+            CommandResult::Rejected(Rejection::UnknownNetwork("never".to_string()))
+        );
+        // The rejected create with a taken name allocated nothing.
+        assert_eq!(harness.free_ranges("p"), [(2, 4094)]);
+    }
+
+    /// An old Pod record, encoded before profiles existed, still decodes.
+    #[test]
+    fn pod_record_encoding_is_unchanged() {
+        let bytes = db::encode(&pod("old")).expect("encode");
+        // Name length, name, two f64 ratios, placement variant.
+        assert_eq!(bytes.len(), 1 + 3 + 8 + 8 + 1);
+        let decoded: Pod = db::decode(CF_PODS, &bytes).expect("decode");
+        assert_eq!(decoded, pod("old"));
+    }
 }

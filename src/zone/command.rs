@@ -6,12 +6,15 @@
 use serde::{Deserialize, Serialize};
 
 use super::model::{
-    Host, Instance, JournalEntry, KeyValue, LeaderStamp, ObservedState, OrderAction, OrderOutcome,
-    Pod,
+    Host, Instance, JournalEntry, KeyValue, LeaderStamp, Network, NetworkMode, ObservedState,
+    OrderAction, OrderOutcome, Pod, PodProfile,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Command {
+    /// Creates a pod without a stored profile, so it reads as
+    /// `PodProfile::default()`. Leaders propose `CreatePodWithProfile`
+    /// instead; apply keeps this variant for logs written before profiles.
     CreatePod {
         pod: Pod,
     },
@@ -73,6 +76,22 @@ pub enum Command {
         expected: Option<String>,
         value: String,
     },
+    /// Creates a pod with its profile and opens its segmentation id range.
+    CreatePodWithProfile {
+        pod: Pod,
+        profile: PodProfile,
+    },
+    /// Creates a tenant network; apply allocates the lowest free
+    /// segmentation id of the pod's range. `cidr` is validated by the leader.
+    CreateNetwork {
+        name: String,
+        pod: String,
+        cidr: String,
+    },
+    /// Deletes a network and releases its segmentation id.
+    DeleteNetwork {
+        name: String,
+    },
 }
 
 impl Command {
@@ -89,6 +108,9 @@ impl Command {
             Command::ObserveInstance { .. } => "observe_instance",
             Command::PutKey { .. } => "put_key",
             Command::CompareAndSwapKey { .. } => "compare_and_swap_key",
+            Command::CreatePodWithProfile { .. } => "create_pod_with_profile",
+            Command::CreateNetwork { .. } => "create_network",
+            Command::DeleteNetwork { .. } => "delete_network",
         }
     }
 }
@@ -138,6 +160,22 @@ pub enum Rejection {
         current: u64,
         requested: u64,
     },
+    #[error("network name {0:?} is already taken")]
+    NetworkNameTaken(String),
+    #[error("network {0:?} not found")]
+    UnknownNetwork(String),
+    #[error(
+        "pod {pod:?} has no free {} left in its range {first}..{last}; delete networks \
+         it no longer needs, or {}",
+        .mode.id_name(),
+        .mode.exhaustion_advice()
+    )]
+    SegmentationRangeExhausted {
+        pod: String,
+        mode: NetworkMode,
+        first: u32,
+        last: u32,
+    },
 }
 
 /// The value apply returns for one command.
@@ -153,4 +191,7 @@ pub enum CommandResult {
     Order(JournalEntry),
     Key(KeyValue),
     Rejected(Rejection),
+    /// A pod created by `CreatePodWithProfile`.
+    ProfiledPod(Pod, PodProfile),
+    Network(Network),
 }

@@ -1,6 +1,11 @@
-//! Records of the zone state machine: pods, hosts, instances and the
-//! operation journal. These are plain data; the rules that change them live
-//! in `zone::apply`, and nothing here does I/O.
+//! Records of the zone state machine: pods and their profiles, hosts,
+//! instances, tenant networks and the operation journal. These are plain
+//! data; the rules that change them live in `zone::apply`, and nothing here
+//! does I/O.
+//!
+//! Records are stored with bincode, which decodes fields by position, so a
+//! stored record type never gains fields: new attributes go into a record
+//! of their own (as `PodProfile` did for `Pod`).
 
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +36,10 @@ impl Placement {
 }
 
 /// A group of hosts that share oversubscription ratios and a placement policy.
+///
+/// Its storage and network attributes are in `PodProfile`, a separate record
+/// under the same name: `Pod` is in databases and Raft logs written before
+/// profiles existed, and bincode cannot decode it with more fields.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Pod {
     pub name: String,
@@ -39,6 +48,160 @@ pub struct Pod {
     /// Schedulable memory per byte of physical memory.
     pub memory_ratio: f64,
     pub placement: Placement,
+}
+
+/// The storage model of a pod: where its instances keep their disks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StorageModel {
+    /// Direct-attached storage: every host has local disks.
+    Das,
+    /// One shared array, fronted by one agent, serves every host of the pod.
+    San,
+}
+
+impl StorageModel {
+    pub fn parse(text: &str) -> Option<StorageModel> {
+        match text {
+            "das" => Some(StorageModel::Das),
+            "san" => Some(StorageModel::San),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageModel::Das => "das",
+            StorageModel::San => "san",
+        }
+    }
+}
+
+/// The isolation technique of a pod's tenant networks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetworkMode {
+    /// 802.1Q VLANs: segmentation ids 1 to 4094.
+    Vlan,
+    /// VXLAN overlay: 24-bit VNIs, 1 to 16777215.
+    Vxlan,
+}
+
+impl NetworkMode {
+    pub fn parse(text: &str) -> Option<NetworkMode> {
+        match text {
+            "vlan" => Some(NetworkMode::Vlan),
+            "vxlan" => Some(NetworkMode::Vxlan),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Vlan => "vlan",
+            NetworkMode::Vxlan => "vxlan",
+        }
+    }
+
+    /// Returns the segmentation ids the mode can carry: usable VLAN ids (0 and 4095
+    /// are reserved by 802.1Q), or every non-zero 24-bit VNI.
+    pub fn max_range(self) -> (u32, u32) {
+        match self {
+            NetworkMode::Vlan => (1, 4094),
+            NetworkMode::Vxlan => (1, (1 << 24) - 1),
+        }
+    }
+
+    /// Returns what to do, besides deleting networks, when a pod runs out of ids.
+    pub fn exhaustion_advice(self) -> &'static str {
+        match self {
+            NetworkMode::Vlan => "create the network in a vxlan pod",
+            NetworkMode::Vxlan => "create the network in a pod with a wider range",
+        }
+    }
+
+    /// Returns the name of one segmentation id in this mode, for messages.
+    pub fn id_name(self) -> &'static str {
+        match self {
+            NetworkMode::Vlan => "VLAN id",
+            NetworkMode::Vxlan => "VNI",
+        }
+    }
+}
+
+/// A pod's storage, workload and network attributes, stored beside its
+/// `Pod` record under the pod's name. A pod created before profiles existed
+/// has none stored and reads as `PodProfile::default()`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PodProfile {
+    pub storage: StorageModel,
+    /// Host id of the agent that fronts a SAN pod's array; `None` in a DAS pod.
+    pub san_agent: Option<String>,
+    /// Free text that names what the pod's hosts are for, e.g. "general" or "gpu".
+    pub workload_class: String,
+    /// Schedulable disk per unit of physical disk.
+    ///
+    /// NOTE: recorded and shown only; placement still checks disk against
+    /// the host's configured size, as if the ratio were 1.
+    pub storage_ratio: f64,
+    pub network: NetworkMode,
+    /// First segmentation id (VLAN id or VNI) that networks draw from.
+    pub segmentation_first: u32,
+    /// Last segmentation id, inclusive.
+    pub segmentation_last: u32,
+}
+
+impl Default for PodProfile {
+    fn default() -> Self {
+        let (first, last) = NetworkMode::Vlan.max_range();
+        PodProfile {
+            storage: StorageModel::Das,
+            san_agent: None,
+            workload_class: DEFAULT_WORKLOAD_CLASS.to_string(),
+            storage_ratio: 1.0,
+            network: NetworkMode::Vlan,
+            segmentation_first: first,
+            segmentation_last: last,
+        }
+    }
+}
+
+/// The workload class of a pod created without one.
+pub const DEFAULT_WORKLOAD_CLASS: &str = "general";
+
+/// Whether a network can be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetworkState {
+    Active,
+    /// Deleted by a client; the segmentation id is released once no host
+    /// carries the network any more.
+    ///
+    /// NOTE: no host carries networks yet, so delete removes the record at
+    /// once and nothing sets this state so far.
+    Deleting,
+}
+
+impl NetworkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkState::Active => "active",
+            NetworkState::Deleting => "deleting",
+        }
+    }
+}
+
+/// A tenant network: an isolated layer-2 segment of one pod with an IPv4 subnet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Network {
+    pub name: String,
+    pub pod: String,
+    /// The pod's network mode when the network was created.
+    pub mode: NetworkMode,
+    /// VLAN id or VNI, allocated by apply from the pod's range.
+    pub segmentation_id: u32,
+    /// IPv4 subnet in CIDR notation with its host bits zero, e.g. "10.0.0.0/24".
+    pub cidr: String,
+    /// Log index of the command that created the network.
+    pub created_index: u64,
+    pub state: NetworkState,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

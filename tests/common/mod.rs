@@ -346,9 +346,10 @@ impl Cluster {
     async fn create_pod(&self) {
         let request = CreatePodRequest {
             name: POD.to_string(),
-            cpu_ratio: POD_CPU_RATIO,
-            memory_ratio: 1.0,
+            cpu_ratio: Some(POD_CPU_RATIO),
+            memory_ratio: Some(1.0),
             placement: "spread".to_string(),
+            ..CreatePodRequest::default()
         };
         let created = self
             .connector()
