@@ -52,6 +52,14 @@ pub enum Call {
     },
     /// A read of every instance in the zone, on `ok`.
     ListInstances { instances: Option<Vec<InstanceSeen>> },
+    /// Tenant network create. Names collide between clients on purpose;
+    /// `segmentation_id` (the VLAN id) is filled on `ok`.
+    CreateNetwork {
+        name: String,
+        segmentation_id: Option<u32>,
+    },
+    /// A read of every network in the zone, on `ok`.
+    ListNetworks { networks: Option<Vec<NetworkSeen>> },
     /// A fault the nemesis started (`invoke` then `info` or `ok`) or healed.
     Fault {
         nemesis: String,
@@ -68,6 +76,13 @@ pub struct InstanceSeen {
     pub name: String,
     pub host: String,
     pub request_id: String,
+}
+
+/// A network as a final listing returned it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSeen {
+    pub name: String,
+    pub segmentation_id: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -51,8 +51,8 @@ enum Command {
         /// Faults to inject, separated by commas, or "all" or "none".
         #[arg(long, default_value = "all")]
         nemesis: String,
-        /// Workloads, separated by commas: register, set.
-        #[arg(long, value_delimiter = ',', default_value = "register,set")]
+        /// Workloads, separated by commas: register, set, network.
+        #[arg(long, value_delimiter = ',', default_value = "register,set,network")]
         workload: Vec<Workload>,
         /// Client tasks.
         #[arg(long, default_value_t = 10)]
@@ -158,7 +158,7 @@ fn base_options(common: &Common, name: &str, command: String) -> anyhow::Result<
         store: common.store.clone(),
         time_limit: Duration::from_secs(60),
         nemeses: Vec::new(),
-        workloads: vec![Workload::Register, Workload::Set],
+        workloads: vec![Workload::Register, Workload::Set, Workload::Network],
         seed: common.seed,
         concurrency: 10,
         canary: None,

@@ -251,6 +251,8 @@ fn call_name(call: &Call) -> &'static str {
         Call::Cas { .. } => "cas",
         Call::Create { .. } => "create",
         Call::ListInstances { .. } => "list_instances",
+        Call::CreateNetwork { .. } => "create_network",
+        Call::ListNetworks { .. } => "list_networks",
         Call::Fault { .. } => "fault",
     }
 }
@@ -505,7 +507,7 @@ const FAULT_COLOURS: [&str; 6] = [
 ];
 
 /// Marker shapes by `f`, centred on (0, 0).
-const MARKERS: [(&str, &str); 6] = [
+const MARKERS: [(&str, &str); 8] = [
     ("read", r#"<circle id="m-read" r="2.6"/>"#),
     (
         "write",
@@ -519,6 +521,14 @@ const MARKERS: [(&str, &str); 6] = [
     (
         "list_instances",
         r#"<path id="m-list_instances" d="M-3.4,-1H3.4V1H-3.4Z"/>"#,
+    ),
+    (
+        "create_network",
+        r#"<path id="m-create_network" d="M0,3.2L2.9,-2.1L-2.9,-2.1Z"/>"#,
+    ),
+    (
+        "list_networks",
+        r#"<path id="m-list_networks" d="M-1,-3.4H1V3.4H-1ZM-3.4,-1H3.4V1H-3.4Z"/>"#,
     ),
     ("fault", r#"<path id="m-fault" d="M-1,-3.4H1V3.4H-1Z"/>"#),
 ];

@@ -46,6 +46,8 @@ impl Canary {
 pub enum Workload {
     Register,
     Set,
+    /// Tenant network creates: VLAN ids must be unique.
+    Network,
 }
 
 #[derive(Clone, Debug)]
@@ -176,6 +178,7 @@ async fn run_phases(options: &RunOptions, dir: &std::path::Path, cluster: Arc<Mu
             match workload {
                 Workload::Register => workload::register_client(clients, seed, stop).await,
                 Workload::Set => workload::set_client(clients, seed, stop).await,
+                Workload::Network => workload::network_client(clients, seed, stop).await,
             }
         }));
     }
@@ -219,6 +222,9 @@ async fn run_phases(options: &RunOptions, dir: &std::path::Path, cluster: Arc<Mu
         if options.workloads.contains(&Workload::Set) {
             workload::final_listing(&clients, endpoint).await;
         }
+        if options.workloads.contains(&Workload::Network) {
+            workload::final_network_listing(&clients, endpoint).await;
+        }
     }
 
     let history = recorder.snapshot();
@@ -258,6 +264,9 @@ fn check(
     if options.workloads.contains(&Workload::Set) {
         verdicts.push(checker::set::check(history));
         verdicts.push(checker::unique::check(history));
+    }
+    if options.workloads.contains(&Workload::Network) {
+        verdicts.push(checker::networks::check(history));
     }
     let mut ledger = Vec::new();
     for path in ledger_paths {

@@ -14,17 +14,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ccs::proto::zone::zone_client::ZoneClient;
-use ccs::proto::zone::{CompareAndSwapKeyRequest, CreateInstanceRequest, GetKeyRequest, PutKeyRequest, ReadRequest};
+use ccs::proto::zone::{
+    CompareAndSwapKeyRequest, CreateInstanceRequest, CreateNetworkRequest, GetKeyRequest, PutKeyRequest, ReadRequest,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use crate::history::{Call, InstanceSeen, OpType, Process};
+use crate::history::{Call, InstanceSeen, NetworkSeen, OpType, Process};
 use crate::recorder::Recorder;
 
 /// Reason codes that mean the zone refused a call before proposing it.
-const DEFINITE_FAILURES: [&str; 8] = [
+const DEFINITE_FAILURES: [&str; 9] = [
     "NOT_LEADER",
     "NO_LEADER",
     "CAS_MISMATCH",
@@ -33,6 +35,7 @@ const DEFINITE_FAILURES: [&str; 8] = [
     "NO_CAPACITY",
     "CONFLICT",
     "POD_NOT_FOUND",
+    "RANGE_EXHAUSTED",
 ];
 
 /// Operations on one key before the key is retired and a fresh one takes
@@ -56,6 +59,9 @@ pub struct Clients {
     next_process: AtomicU64,
     keys: Mutex<KeySpace>,
     next_name: AtomicU64,
+    next_network: AtomicU64,
+    /// The pod networks are created in.
+    pub pod: String,
 }
 
 /// The register keys in use and how many operations each has had.
@@ -97,6 +103,8 @@ impl Clients {
                 every_key,
             }),
             next_name: AtomicU64::new(0),
+            next_network: AtomicU64::new(0),
+            pod: crate::cluster::POD.to_string(),
         }
     }
 
@@ -351,4 +359,67 @@ pub async fn final_listing(clients: &Clients, endpoint: &str) -> bool {
             false
         }
     }
+}
+
+/// Runs a network client until `stop`: creates tenant networks in the test
+/// pod, one in five under a recent name, so clients race for names while the
+/// zone hands out VLAN ids. Creates are spaced out so that a 10-minute run
+/// stays within the pod's 4094 VLAN ids.
+pub async fn network_client(clients: Arc<Clients>, seed: u64, mut stop: watch::Receiver<bool>) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x7e7);
+    let mut process = clients.new_process();
+    let mut client = clients.client_for(&clients.pick_endpoint(&mut rng));
+    while !*stop.borrow() {
+        let fresh = clients.next_network.fetch_add(1, Ordering::Relaxed);
+        let number = if fresh > 5 && rng.gen_bool(0.2) { fresh - rng.gen_range(1..=5) } else { fresh };
+        let name = format!("net{number}");
+        let call = Call::CreateNetwork { name: name.clone(), segmentation_id: None };
+        clients.recorder.record(process, OpType::Invoke, call, None);
+        let request = CreateNetworkRequest {
+            name: name.clone(),
+            pod: clients.pod.clone(),
+            cidr: format!("10.{}.{}.0/24", (number / 256) % 256, number % 256),
+        };
+        let result = tokio::time::timeout(clients.timeout, client.create_network(request)).await;
+        let (kind, segmentation_id, error) = match result {
+            Ok(Ok(reply)) => (OpType::Ok, Some(reply.into_inner().segmentation_id), None),
+            Ok(Err(status)) => (outcome_of(&status), None, Some(describe(&status))),
+            Err(_) => (OpType::Info, None, Some("timed out".to_string())),
+        };
+        clients.recorder.record(process, kind, Call::CreateNetwork { name, segmentation_id }, error);
+        if kind == OpType::Info {
+            process = clients.new_process();
+        }
+        if kind != OpType::Ok {
+            client = clients.client_for(&clients.pick_endpoint(&mut rng));
+        }
+        for _ in 0..20 {
+            pause(&clients, &mut stop).await;
+        }
+    }
+}
+
+/// Lists every network through `endpoint` with a linearizable read and
+/// records the listing. Returns whether the read succeeded.
+pub async fn final_network_listing(clients: &Clients, endpoint: &str) -> bool {
+    let mut client = clients.client_for(endpoint);
+    let process = clients.new_process();
+    clients.recorder.record(process, OpType::Invoke, Call::ListNetworks { networks: None }, None);
+    let listing = tokio::time::timeout(clients.timeout * 4, client.list_networks(ReadRequest { stale: false })).await;
+    let (kind, networks, error) = match listing {
+        Ok(Ok(reply)) => {
+            let networks = reply
+                .into_inner()
+                .networks
+                .into_iter()
+                .map(|n| NetworkSeen { name: n.name, segmentation_id: n.segmentation_id })
+                .collect();
+            (OpType::Ok, Some(networks), None)
+        }
+        Ok(Err(status)) => (OpType::Fail, None, Some(describe(&status))),
+        Err(_) => (OpType::Fail, None, Some("timed out".to_string())),
+    };
+    let succeeded = kind == OpType::Ok;
+    clients.recorder.record(process, kind, Call::ListNetworks { networks }, error);
+    succeeded
 }

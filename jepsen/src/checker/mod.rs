@@ -9,6 +9,7 @@
 
 pub mod ledger;
 pub mod linearizable;
+pub mod networks;
 pub mod set;
 pub mod unique;
 
