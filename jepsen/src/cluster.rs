@@ -1366,7 +1366,7 @@ pub async fn zone_status_at(
     }
 }
 
-/// Node ids of the zone's voters and learners in its committed membership.
+/// Node ids of the voters in the zone's committed membership.
 /// Waits while the membership is joint or not yet applied: a replica that a
 /// pending change omits is still a member until the change commits, and
 /// retiring it early would wipe a voter the zone still counts on.
@@ -1380,7 +1380,12 @@ pub async fn zone_members(connector: &ZoneConnector) -> anyhow::Result<BTreeSet<
             .await
             .map_err(|s| anyhow!("ZoneStatus failed: {:?} {}", s.code(), s.message()))?;
         if status.membership_committed {
-            return Ok(status.replicas.iter().map(|r| r.node_id).collect());
+            // Only voters count: a learner left by an AddReplica that failed
+            // before promotion does not add to the zone's fault tolerance,
+            // and counting it let the membership nemesis remove voters down
+            // to one.
+            let voters = status.replicas.iter().filter(|r| r.role == "voter");
+            return Ok(voters.map(|r| r.node_id).collect());
         }
         if tokio::time::Instant::now() >= deadline {
             bail!(
