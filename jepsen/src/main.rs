@@ -13,7 +13,13 @@ use ccs_jepsen::nemesis::{self, NemesisKind};
 use ccs_jepsen::run::{self, Canary, RunOptions, Workload};
 
 #[derive(Parser, Debug)]
-#[command(name = "ccs-jepsen", version, about = "Verify a ccs zone under faults: real nodes, nemeses, recorded histories, checkers")]
+#[command(
+    name = "ccs-jepsen",
+    version,
+    about = "Verify a ccs zone under faults: real nodes, nemeses, recorded histories, checkers",
+    after_help = "Needs root (network namespaces, iptables, FUSE); one run per machine at a time. \
+                  Exit codes: 0 every verdict as required, 1 a verdict was not, 2 the run could not be done."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,16 +54,25 @@ enum Command {
         /// Length of the fault phase, e.g. "10m".
         #[arg(long = "time-limit", default_value = "60s", value_parser = humantime::parse_duration)]
         time_limit: Duration,
-        /// Faults to inject, separated by commas, or "all" or "none".
+        /// Faults to inject, separated by commas: partition-one,
+        /// partition-leader, partition-halves, partition-ring,
+        /// partition-bridge, partition-one-way, kill, pause, clock-jump,
+        /// clock-rate, membership, power-loss, order-replay; or the groups
+        /// partition, clock, all, none.
         #[arg(long, default_value = "all")]
         nemesis: String,
         /// Workloads, separated by commas: register, set, network.
         #[arg(long, value_delimiter = ',', default_value = "register,set,network")]
         workload: Vec<Workload>,
-        /// Client tasks.
+        /// Client tasks, shared round-robin among the workloads; at least
+        /// one per workload.
         #[arg(long, default_value_t = 10)]
         concurrency: usize,
-        /// Break one safety property on purpose; the run must then fail.
+        /// Break one safety property on purpose. The command then exits 0
+        /// only if a checker reports the canary's anomaly, 1 otherwise.
+        /// local-reads needs partition-leader and the register workload,
+        /// skip-fsync needs power-loss and register, skip-fencing needs
+        /// partition-leader and set.
         #[arg(long)]
         canary: Option<Canary>,
         /// Time between the end of one fault and the start of the next.
@@ -96,7 +111,29 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("building the tokio runtime");
-    exit_code(runtime.block_on(run_command(cli.command, command_line)))
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = run_command(cli.command, command_line) => outcome,
+            () = interrupted() => Err(anyhow::anyhow!("interrupted; removed the run's nodes, namespaces and mounts")),
+        }
+    });
+    // Dropping the runtime drops the client and nemesis tasks and with them
+    // the last reference to the cluster, whose Drop removes its processes,
+    // namespaces, rules and mounts.
+    drop(runtime);
+    exit_code(outcome)
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => eprintln!("SIGINT received: tearing down the run"),
+        _ = terminate.recv() => eprintln!("SIGTERM received: tearing down the run"),
+    }
 }
 
 fn exit_code(result: anyhow::Result<bool>) -> ExitCode {
@@ -126,6 +163,12 @@ async fn run_command(command: Command, command_line: String) -> anyhow::Result<b
             let mut options = base_options(&common, "test", command_line)?;
             options.time_limit = time_limit;
             options.nemeses = nemesis::parse_kinds(&nemesis)?;
+            if concurrency < workload.len().max(1) {
+                anyhow::bail!(
+                    "--concurrency {concurrency} is too low for {} workloads: use at least one client per workload",
+                    workload.len()
+                );
+            }
             options.workloads = workload;
             options.concurrency = concurrency;
             options.canary = canary;

@@ -239,16 +239,33 @@ async fn run_phases(options: &RunOptions, dir: &std::path::Path, cluster: Arc<Mu
             .map_or(0, |d| d.as_secs())
             .saturating_sub(started.elapsed().as_secs()),
         duration_s: started.elapsed().as_secs_f64(),
-        nemeses: options.nemeses.iter().map(|k| format!("{k:?}")).collect(),
-        workloads: options.workloads.iter().map(|w| format!("{w:?}")).collect(),
+        nemeses: options.nemeses.iter().map(|k| k.name().to_string()).collect(),
+        workloads: options.workloads.iter().map(|w| format!("{w:?}").to_lowercase()).collect(),
+        notes: notes(options, &fault_counts),
         fault_counts,
-        notes: options
-            .canary
-            .map(|c| vec![format!("canary {c:?}: expected anomaly {:?}", c.expected_anomaly())])
-            .unwrap_or_default(),
     };
     let _ = dir;
     Ok((verdicts, info, history))
+}
+
+/// Notes for the report: the canary and its expected anomaly, and every
+/// selected nemesis that injected no fault, which the command also prints.
+fn notes(options: &RunOptions, fault_counts: &BTreeMap<String, u64>) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(canary) = options.canary {
+        notes.push(format!("canary {canary:?}: expected anomaly {:?}", canary.expected_anomaly()));
+    }
+    for kind in &options.nemeses {
+        if fault_counts.get(kind.name()).copied().unwrap_or(0) == 0 {
+            let note = format!(
+                "nemesis {} injected no fault: it found nothing to act on (order-replay needs a leader change first) or every attempt failed",
+                kind.name()
+            );
+            println!("warning: {note}");
+            notes.push(note);
+        }
+    }
+    notes
 }
 
 fn check(

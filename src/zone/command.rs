@@ -148,7 +148,7 @@ pub enum Rejection {
     OrderClosed(u64),
     #[error("instance {instance:?} already has open order {order}")]
     OrderOpen { instance: String, order: u64 },
-    #[error("key {key:?} holds {actual:?}, not the expected {expected:?}")]
+    #[error("key {key:?} holds {}, not the expected {}; read it and retry with its current value", describe_value(.actual), describe_value(.expected))]
     KeyMismatch {
         key: String,
         expected: Option<String>,
@@ -194,4 +194,12 @@ pub enum CommandResult {
     /// A pod created by `CreatePodWithProfile`.
     ProfiledPod(Pod, PodProfile),
     Network(Network),
+}
+
+/// Formats an optional zone key value for messages: quoted, or "no value".
+fn describe_value(value: &Option<String>) -> String {
+    match value {
+        Some(value) => format!("{value:?}"),
+        None => "no value (the key does not exist)".to_string(),
+    }
 }
