@@ -265,5 +265,7 @@ async fn suite(common: &Common, command_line: String) -> anyhow::Result<bool> {
         if faults_passed { "valid" } else { "INVALID" },
         if canary_failed { "failed as required" } else { "DID NOT FAIL" }
     );
+    let passed = u8::from(faults_passed) + u8::from(canary_failed);
+    println!("suite: {passed} passed, {} failed", 2 - passed);
     Ok(faults_passed && canary_failed)
 }
