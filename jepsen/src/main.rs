@@ -163,6 +163,15 @@ async fn run_command(command: Command, command_line: String) -> anyhow::Result<b
             let mut options = base_options(&common, "test", command_line)?;
             options.time_limit = time_limit;
             options.nemeses = nemesis::parse_kinds(&nemesis)?;
+            for (flag, value) in [
+                ("--time-limit", time_limit),
+                ("--fault-interval", fault_interval),
+                ("--fault-duration", fault_duration),
+            ] {
+                if value.is_zero() {
+                    anyhow::bail!("{flag} 0s is invalid: give a duration above zero, e.g. 5s");
+                }
+            }
             if concurrency < workload.len().max(1) {
                 anyhow::bail!(
                     "--concurrency {concurrency} is too low for {} workloads: use at least one client per workload",

@@ -99,10 +99,13 @@ fn raft_tuning() -> RaftTuning {
 }
 
 pub async fn run(options: RunOptions) -> anyhow::Result<RunOutcome> {
-    let started_unix = std::time::SystemTime::now()
+    let started_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let dir = options.store.join(format!("{}-{started_unix}", options.name));
+        .map_or(0, |d| d.as_millis());
+    let dir = options.store.join(format!("{}-{started_ms}", options.name));
+    if dir.exists() {
+        anyhow::bail!("run directory {} already exists; start the run again", dir.display());
+    }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating run directory {}", dir.display()))?;
     println!("run {}: {}", options.name, dir.display());
 
