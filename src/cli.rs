@@ -682,7 +682,7 @@ pub async fn key(connector: &ZoneConnector, command: KeyCommand) -> Result<(), C
                 })),
                 Output::Table if reply.found => println!("{}", reply.value),
                 Output::Table => {
-                    let message = format!("key {:?} not found", reply.key);
+                    let message = format!("key {:?} not found; set it with `ccs key put`", reply.key);
                     return Err(CallError(tonic::Status::not_found(message)));
                 }
             }

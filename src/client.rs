@@ -47,6 +47,13 @@ fn try_elsewhere(status: &tonic::Status) -> bool {
     )
 }
 
+/// Returns whether tonic failed to open a connection, so the call never left.
+fn is_connect_failure(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        && reason(status).is_none()
+        && (status.message().contains("tcp connect error") || status.message().contains("dns error"))
+}
+
 pub fn channel(addr: &str, timeout: Duration) -> Result<Channel, tonic::Status> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| tonic::Status::invalid_argument(format!("invalid endpoint {addr:?}: {e}")))?
@@ -117,7 +124,17 @@ impl ZoneConnector {
                 Err(status) => return Err(status),
             }
         }
-        Err(last_error.unwrap_or_else(|| tonic::Status::unavailable("no controller answered")))
+        let endpoints = self.endpoints.join(",");
+        Err(match last_error {
+            // A connect failure names the endpoint list, which is what the caller can fix.
+            Some(status) if is_connect_failure(&status) => tonic::Status::unavailable(format!(
+                "no controller reachable at {endpoints}: {}; check --endpoint or CCS_ENDPOINT \
+                 (the default is the local `ccs dev` cloud)",
+                status.message()
+            )),
+            Some(status) => status,
+            None => tonic::Status::unavailable(format!("no controller at {endpoints} answered")),
+        })
     }
 
     /// Like `call`, but keeps retrying unavailable zones until `deadline` passes.
