@@ -1367,32 +1367,50 @@ pub async fn zone_status_at(
 }
 
 /// Node ids of the voters in the zone's committed membership.
+///
+/// Every listed controller is asked, and the answer with the newest term
+/// and membership that names a leader wins. A controller that was just
+/// removed keeps the joint membership of its own removal forever and knows
+/// no leader, so the connector's preferred endpoint alone can be stuck.
 /// Waits while the membership is joint or not yet applied: a replica that a
 /// pending change omits is still a member until the change commits, and
 /// retiring it early would wipe a voter the zone still counts on.
 pub async fn zone_members(connector: &ZoneConnector) -> anyhow::Result<BTreeSet<u64>> {
     let deadline = tokio::time::Instant::now() + MEMBERSHIP_TIMEOUT;
     loop {
-        let status = connector
-            .call_until(MEMBERSHIP_TIMEOUT, |mut c| async move {
-                c.zone_status(ZoneStatusRequest {}).await
-            })
-            .await
-            .map_err(|s| anyhow!("ZoneStatus failed: {:?} {}", s.code(), s.message()))?;
-        if status.membership_committed {
-            // Only voters count: a learner left by an AddReplica that failed
-            // before promotion does not add to the zone's fault tolerance,
-            // and counting it let the membership nemesis remove voters down
-            // to one.
-            let voters = status.replicas.iter().filter(|r| r.role == "voter");
-            return Ok(voters.map(|r| r.node_id).collect());
+        let mut best: Option<ZoneStatusReply> = None;
+        let mut last_error = String::from("no controller answered");
+        for endpoint in connector.endpoints() {
+            match zone_status_at(endpoint, STATUS_TIMEOUT).await {
+                Ok(status) if status.leader_id != 0 => {
+                    let newer = best.as_ref().is_none_or(|b| {
+                        (status.term, status.membership_index) > (b.term, b.membership_index)
+                    });
+                    if newer {
+                        best = Some(status);
+                    }
+                }
+                Ok(_) => last_error = format!("{endpoint} knows no leader"),
+                Err(status) => last_error = format!("{endpoint}: {}", status.message()),
+            }
+        }
+        match &best {
+            Some(status) if status.membership_committed => {
+                // Only voters count: a learner left by an AddReplica that
+                // failed before promotion does not add to the zone's fault
+                // tolerance, and counting it let the membership nemesis
+                // remove voters down to one.
+                let voters = status.replicas.iter().filter(|r| r.role == "voter");
+                return Ok(voters.map(|r| r.node_id).collect());
+            }
+            Some(status) => last_error = format!(
+                "the zone's membership at index {} is still joint or uncommitted",
+                status.membership_index
+            ),
+            None => {}
         }
         if tokio::time::Instant::now() >= deadline {
-            bail!(
-                "the zone's membership at index {} is still joint or uncommitted after {:?}",
-                status.membership_index,
-                MEMBERSHIP_TIMEOUT
-            );
+            bail!("reading the zone's membership failed after {MEMBERSHIP_TIMEOUT:?}: {last_error}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
