@@ -48,7 +48,7 @@ fn try_elsewhere(status: &tonic::Status) -> bool {
 }
 
 /// Returns whether tonic failed to open a connection, so the call never left.
-fn is_connect_failure(status: &tonic::Status) -> bool {
+pub fn is_connect_failure(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::Unavailable
         && reason(status).is_none()
         && (status.message().contains("tcp connect error") || status.message().contains("dns error"))

@@ -112,9 +112,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<RunOutcome> {
     let spec = cluster_spec(&options, &dir);
     let cluster = Cluster::start(spec).await.context("starting the cluster")?;
     let cluster = Arc::new(Mutex::new(cluster));
-    let result = run_phases(&options, &dir, cluster.clone()).await;
+    let result = run_phases(&options, cluster.clone()).await;
     let cluster = Arc::try_unwrap(cluster)
-        .map_err(|_| anyhow::anyhow!("a task still holds the cluster at teardown"))?
+        .map_err(|_| anyhow::anyhow!("teardown failed: a client or nemesis task still owns the cluster"))?
         .into_inner();
     if let Err(error) = cluster.teardown().await {
         eprintln!("warning: teardown failed: {error:#}");
@@ -163,7 +163,7 @@ fn find_faketime() -> Option<PathBuf> {
 
 type Phases = (Vec<Verdict>, RunInfo, Vec<crate::history::Op>);
 
-async fn run_phases(options: &RunOptions, dir: &std::path::Path, cluster: Arc<Mutex<Cluster>>) -> anyhow::Result<Phases> {
+async fn run_phases(options: &RunOptions, cluster: Arc<Mutex<Cluster>>) -> anyhow::Result<Phases> {
     let started = Instant::now();
     let recorder = Arc::new(Recorder::new());
     let endpoints = cluster.lock().await.controller_endpoints();
@@ -247,7 +247,6 @@ async fn run_phases(options: &RunOptions, dir: &std::path::Path, cluster: Arc<Mu
         notes: notes(options, &fault_counts),
         fault_counts,
     };
-    let _ = dir;
     Ok((verdicts, info, history))
 }
 

@@ -141,15 +141,9 @@ fn outcome_of(status: &tonic::Status) -> OpType {
     match ccs::client::reason(status) {
         Some(reason) if DEFINITE_FAILURES.contains(&reason) => OpType::Fail,
         // No connection was made, so the request never left the client.
-        None if is_connect_error(status) => OpType::Fail,
+        None if ccs::client::is_connect_failure(status) => OpType::Fail,
         _ => OpType::Info,
     }
-}
-
-/// Returns whether tonic failed to open the connection, as opposed to
-/// losing one that carried the request.
-fn is_connect_error(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Unavailable && status.message().contains("tcp connect error")
 }
 
 fn describe(status: &tonic::Status) -> String {
