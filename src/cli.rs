@@ -173,7 +173,7 @@ pub enum KeyCommand {
     },
     /// Set a zone key.
     Put { key: String, value: String },
-    /// Set a zone key only if it holds the expected value.
+    /// Set a zone key only if it contains the expected value.
     Cas {
         key: String,
         value: String,

@@ -1019,7 +1019,7 @@ async fn zone_keys_compare_and_swap() {
         .expect("put owner");
     assert!(written.modified_index > 0, "a put reports its log index");
 
-    // A follower forwards the read to the leader, so it sees the put at once.
+    // A follower forwards the read to the leader, so it returns the put at once.
     let get = GetKeyRequest {
         key: "owner".into(),
         stale: false,

@@ -571,8 +571,8 @@ impl Cluster {
             ));
             env.push("FAKETIME_NO_CACHE=1".to_string());
             // Clock faults move the wall clock only. The kernel never steps
-            // CLOCK_MONOTONIC backwards, and openraft 0.9 panics when it sees
-            // that happen (utime.rs asserts `now >= utime`).
+            // CLOCK_MONOTONIC backwards, and openraft 0.9 panics when it reads
+            // such a step (utime.rs asserts `now >= utime`).
             env.push("FAKETIME_DONT_FAKE_MONOTONIC=1".to_string());
             env.push("FAKETIME_XRESET=1".to_string());
             env.push("NO_FAKE_STAT=1".to_string());

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-/// Who performed an operation.
+/// The performer of an operation: a client process or the nemesis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Process {
@@ -30,7 +30,7 @@ pub enum OpType {
     Info,
 }
 
-/// What an operation does, with its arguments and, on completion, its result.
+/// The operation performed, with its arguments and, on completion, its result.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "f", rename_all = "snake_case")]
 pub enum Call {
@@ -39,7 +39,7 @@ pub enum Call {
     Read { key: String, value: Option<i64> },
     /// Register write.
     Write { key: String, value: i64 },
-    /// Register compare-and-set: writes `to` if the key holds `from`. A
+    /// Register compare-and-set: writes `to` if the key contains `from`. A
     /// mismatch completes as `fail`.
     Cas { key: String, from: i64, to: i64 },
     /// Instance create. `name` is chosen by the client and may collide with
@@ -150,7 +150,7 @@ pub struct Pair<'a> {
 }
 
 impl Pair<'_> {
-    /// The completion type, with a missing completion counted as `info`.
+    /// Returns the completion type, with a missing completion counted as `info`.
     pub fn outcome(&self) -> OpType {
         self.completion.map_or(OpType::Info, |op| op.kind)
     }

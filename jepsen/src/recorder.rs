@@ -40,7 +40,7 @@ impl Recorder {
         op
     }
 
-    /// A copy of the history so far.
+    /// Returns a copy of the history so far.
     pub fn snapshot(&self) -> Vec<Op> {
         self.ops.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }

@@ -103,7 +103,7 @@ impl Node {
         }
         if self.config.unsafe_canary.local_reads {
             // The canary trusts this replica's belief that it leads, which a
-            // deposed leader still holds until it hears of a newer term.
+            // deposed leader keeps until it receives a newer term.
             return Ok(());
         }
         match tokio::time::timeout(READ_TIMEOUT, self.raft.ensure_linearizable()).await {

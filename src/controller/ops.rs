@@ -404,7 +404,7 @@ impl Zone {
     }
 
     /// Sets a zone key, or, with `expected` given, swaps it only if the key
-    /// holds that value (`Some(None)`: only if the key is absent).
+    /// contains that value (`Some(None)`: only if the key is absent).
     pub async fn put_key(&self, key: String, expected: Option<Option<String>>, value: String) -> Result<KeyValue, ApiError> {
         validate_key(&key)?;
         if value.len() > MAX_KEY_VALUE_BYTES {

@@ -69,7 +69,7 @@ pub enum Command {
         key: String,
         value: String,
     },
-    /// Sets a zone key if it holds `expected`, or if it is absent when
+    /// Sets a zone key if it contains `expected`, or if it is absent when
     /// `expected` is `None`.
     CompareAndSwapKey {
         key: String,
