@@ -151,22 +151,6 @@ pub fn write_report(
     Ok(files)
 }
 
-/// Prints one line per verdict to stdout: checker, validity and summary in
-/// aligned columns.
-pub fn print_verdicts(verdicts: &[ReportVerdict]) {
-    let width = verdicts
-        .iter()
-        .map(|v| v.checker.chars().count())
-        .max()
-        .unwrap_or(0);
-    for verdict in verdicts {
-        println!(
-            "{:<width$}  {:<7}  {}",
-            verdict.checker, verdict.validity, verdict.summary
-        );
-    }
-}
-
 /// Returns the run's overall validity: "invalid" if any checker found an anomaly,
 /// "valid" if every checker (at least one) passed, otherwise "unknown".
 pub fn combined_validity(verdicts: &[ReportVerdict]) -> &'static str {
