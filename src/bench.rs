@@ -98,6 +98,7 @@ fn tiny(name: String) -> CreateInstanceRequest {
         memory_mib: 64,
         disk_gib: 0,
         pod: String::new(),
+        ..Default::default()
     }
 }
 

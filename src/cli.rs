@@ -316,6 +316,7 @@ pub async fn instance(connector: &ZoneConnector, command: InstanceCommand) -> Re
                 pod: pod.unwrap_or_default(),
                 // A generated id makes the CLI's own retries safe.
                 request_id: request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                ..Default::default()
             };
             let mut instance = connector
                 .call_until(RETRY_WINDOW, |mut c| {

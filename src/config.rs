@@ -97,10 +97,49 @@ pub struct ControllerConfig {
     /// Log as JSON lines instead of text. Default false.
     #[serde(default)]
     pub log_json: bool,
+    /// How the leader powers off a suspect host before it restarts the
+    /// host's SAN instances elsewhere. Default: no fencing driver, so nothing
+    /// restarts elsewhere.
+    #[serde(default)]
+    pub fencing: FencingConfig,
     /// Switches that break safety on purpose, so that verification runs can
     /// show they catch the break. Never set them on a real zone.
     #[serde(default)]
     pub unsafe_canary: ControllerCanary,
+}
+
+/// The fencing driver of a zone's leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FencingConfig {
+    /// "none": never fence, so a silent host's instances wait for it;
+    /// "command": run `command` with the host id as its last argument, where
+    /// exit status 0 means the host is powered off (a wrapper around IPMI or
+    /// Redfish); "test": append the fence to `record_file` and report
+    /// success, for clouds on libvirt's test driver. Default "none".
+    pub driver: String,
+    /// Program and arguments of the "command" driver.
+    pub command: Vec<String>,
+    /// File the "test" driver appends one JSON line per fence to.
+    pub record_file: Option<PathBuf>,
+    /// How long a host stays suspect before the leader fences it. Default "10s".
+    #[serde(with = "humantime_serde")]
+    pub after: Duration,
+    /// How long the "command" driver may run. Default "60s".
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for FencingConfig {
+    fn default() -> Self {
+        FencingConfig {
+            driver: "none".to_string(),
+            command: Vec::new(),
+            record_file: None,
+            after: Duration::from_secs(10),
+            timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Safety breaks of a controller, all off by default.
@@ -155,6 +194,10 @@ pub struct AgentConfig {
     /// File the agent appends one JSON line to per executed order. Default: none.
     #[serde(default)]
     pub ledger: Option<PathBuf>,
+    /// Capacity in GiB of the SAN pod's shared array when this agent fronts
+    /// it (the pod's `san_agent`); 0, the default, on every other host.
+    #[serde(default)]
+    pub san_pool_gib: u64,
     /// Switches that break safety on purpose, for verification runs only.
     #[serde(default)]
     pub unsafe_canary: AgentCanary,
@@ -245,6 +288,25 @@ impl ControllerConfig {
                 "lists a node id twice",
             )?;
         }
+        let fencing = &self.fencing;
+        check.require(
+            matches!(fencing.driver.as_str(), "none" | "command" | "test"),
+            "fencing.driver",
+            &fencing.driver,
+            "must be \"none\", \"command\" or \"test\"",
+        )?;
+        check.require(
+            fencing.driver != "command" || !fencing.command.is_empty(),
+            "fencing.command",
+            "[]",
+            "must name the fencing program when fencing.driver is \"command\"",
+        )?;
+        check.require(
+            fencing.driver != "test" || fencing.record_file.is_some(),
+            "fencing.record_file",
+            "none",
+            "must name a file when fencing.driver is \"test\"",
+        )?;
         Ok(())
     }
 

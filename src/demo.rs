@@ -415,6 +415,7 @@ async fn create_vm(replay: &Replay, name: &str, vm: &TraceVm) -> CreateOutcome {
         disk_gib: DISK_GIB,
         pod: String::new(),
         request_id: format!("demo-{}-{}", replay.run_tag, vm.row),
+        ..Default::default()
     };
     let _slot = replay
         .in_flight

@@ -485,6 +485,7 @@ fn controller_config(layout: &Layout, ports: &Ports, n: u16) -> ControllerConfig
         raft: RaftTuning::default(),
         host_timeout: Duration::from_secs(5),
         log_json: false,
+        fencing: Default::default(),
         unsafe_canary: Default::default(),
     }
 }
@@ -516,6 +517,7 @@ fn agent_config(
         heartbeat_interval: Duration::from_secs(1),
         log_json: false,
         ledger: None,
+        san_pool_gib: 0,
         unsafe_canary: Default::default(),
     })
 }

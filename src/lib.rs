@@ -37,6 +37,9 @@ pub mod zone {
     pub mod apply;
     pub mod command;
     pub mod model;
+    pub mod moves;
+    pub mod nics;
+    pub mod volumes;
 }
 
 pub mod client;

@@ -19,6 +19,10 @@ pub struct Request<'a> {
     pub disk_gib: u64,
     /// Restrict placement to this pod.
     pub pod: Option<&'a str>,
+    /// Restrict placement to this host (an instance with DAS volumes).
+    pub host: Option<&'a str>,
+    /// Never choose this host (the source of a migration).
+    pub avoid: Option<&'a str>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -44,7 +48,11 @@ pub fn place(
 ) -> Option<Decision> {
     let mut best: Option<(f64, &Host)> = None;
     for host in hosts {
-        if request.pod.is_some_and(|pod| pod != host.pod) || host.health != HostHealth::Up {
+        if request.pod.is_some_and(|pod| pod != host.pod)
+            || request.host.is_some_and(|id| id != host.id)
+            || request.avoid == Some(host.id.as_str())
+            || host.health != HostHealth::Up
+        {
             continue;
         }
         let Some(pod) = pods.get(&host.pod) else {
@@ -116,6 +124,8 @@ mod tests {
 
     fn request(vcpus: u32) -> Request<'static> {
         Request {
+            host: None,
+            avoid: None,
             vcpus,
             memory_mib: 1024,
             disk_gib: 10,

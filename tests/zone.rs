@@ -349,6 +349,7 @@ async fn agent_rejects_order_from_older_leader() {
         memory_mib: 128,
         disk_gib: 1,
         zone: ZONE.to_string(),
+        ..Default::default()
     };
 
     // Step 4.
@@ -937,6 +938,7 @@ async fn malformed_agent_endpoint_spares_others() {
         memory_mib: 131_072,
         disk_gib: 1_000,
         boot_id: 1,
+        ..Default::default()
     };
     let registered = connector
         .call_until(START_TIMEOUT, |mut c| {

@@ -448,6 +448,7 @@ impl Cluster {
             raft: self.spec.raft.clone(),
             host_timeout: HOST_TIMEOUT,
             log_json: false,
+            fencing: Default::default(),
             unsafe_canary: self.spec.controller_canary.clone(),
         };
         write_toml(&node.config_path, &config)
@@ -476,6 +477,7 @@ impl Cluster {
             heartbeat_interval: AGENT_HEARTBEAT,
             log_json: false,
             ledger: Some(self.ledger_file(name)),
+            san_pool_gib: 0,
             unsafe_canary: self.spec.agent_canary.clone(),
         };
         write_toml(&node.config_path, &config)
@@ -1502,6 +1504,7 @@ pub(crate) mod tests {
             disk_gib: 1,
             pod: String::new(),
             request_id: format!("request-{name}"),
+            ..Default::default()
         };
         connector
             .call_until(Duration::from_secs(30), |mut c| {

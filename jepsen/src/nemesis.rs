@@ -1094,6 +1094,7 @@ async fn rebuild_order(connector: &ZoneConnector, entry: &LedgerEntry) -> Order 
         memory_mib,
         disk_gib,
         zone: ZONE.to_string(),
+        ..Default::default()
     }
 }
 
@@ -1300,6 +1301,7 @@ mod tests {
                 disk_gib: 1,
                 pod: String::new(),
                 request_id: format!("load-request-{n}"),
+                ..Default::default()
             };
             let result = connector
                 .call(|mut c| {

@@ -279,6 +279,7 @@ pub async fn set_client(clients: Arc<Clients>, seed: u64, mut stop: watch::Recei
             disk_gib: INSTANCE_DISK_GIB,
             pod: String::new(),
             request_id: request_id.clone(),
+            ..Default::default()
         };
         let result = tokio::time::timeout(clients.timeout, client.create_instance(request)).await;
         let (kind, id, host, error) = match result {

@@ -125,7 +125,8 @@ impl Agent for AgentService {
             OrderAction::Destroy | OrderAction::Stop => {
                 hypervisor.ensure_absent(&spec.uuid).map(|before| (before, DomainRunState::Absent))
             }
-            OrderAction::Unspecified => Err(crate::hypervisor::HypervisorError::Libvirt {
+            // Replaced by the agent work of issue 4.
+            OrderAction::Unspecified | _ => Err(crate::hypervisor::HypervisorError::Libvirt {
                 operation: "order",
                 message: format!("unknown order action {}", order.action),
             }),
@@ -160,6 +161,7 @@ impl Agent for AgentService {
                     order_id: order.order_id,
                     domain_state: after.as_str().to_string(),
                     already_done,
+                    ..Default::default()
                 }))
             }
             Err(error) => {
@@ -183,7 +185,7 @@ fn ledger_action(action: OrderAction) -> &'static str {
         OrderAction::Start => "start",
         OrderAction::Stop => "stop",
         OrderAction::Destroy => "destroy",
-        OrderAction::Unspecified => "unspecified",
+        _ => "unspecified",
     }
 }
 
@@ -241,6 +243,7 @@ async fn heartbeat_loop(connector: ZoneConnector, service: Arc<AgentService>, pe
                     memory_mib: d.memory_mib,
                 })
                 .collect(),
+            ..Default::default()
         };
         let sent = connector
             .call(|mut c| {
@@ -325,6 +328,7 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
         memory_mib: capacity.memory_mib,
         disk_gib: config.disk_gib,
         boot_id: new_boot_id(),
+        ..Default::default()
     };
     let server = tonic::transport::Server::builder()
         .add_service(AgentServer::from_arc(service.clone()))

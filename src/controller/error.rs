@@ -6,10 +6,12 @@
 //! | reason            | gRPC code           | the write may have happened |
 //! |-------------------|---------------------|-----------------------------|
 //! | INVALID_ARGUMENT  | INVALID_ARGUMENT    | no                          |
-//! | POD_NOT_FOUND, HOST_NOT_FOUND, INSTANCE_NOT_FOUND, NETWORK_NOT_FOUND | NOT_FOUND | no |
+//! | POD_NOT_FOUND, HOST_NOT_FOUND, INSTANCE_NOT_FOUND, NETWORK_NOT_FOUND, VOLUME_NOT_FOUND | NOT_FOUND | no |
 //! | NAME_TAKEN, POD_EXISTS | ALREADY_EXISTS | no                          |
 //! | NO_CAPACITY       | RESOURCE_EXHAUSTED  | no                          |
 //! | RANGE_EXHAUSTED   | RESOURCE_EXHAUSTED  | no (the pod has no free VLAN id or VNI) |
+//! | POOL_FULL, SUBNET_EXHAUSTED | RESOURCE_EXHAUSTED | no (no room in a storage pool; no free address) |
+//! | VOLUME_HOST_MISMATCH, POD_MISMATCH, IN_USE, NOT_MIGRATABLE, HOST_NOT_DRAINABLE, WRONG_STATE | FAILED_PRECONDITION | no |
 //! | CONFLICT          | ABORTED             | no                          |
 //! | CAS_MISMATCH      | FAILED_PRECONDITION | no                          |
 //! | NOT_LEADER        | UNAVAILABLE         | no (refused before proposing; `ccs-leader` names the leader) |
@@ -61,6 +63,16 @@ pub enum ApiError {
     LeaderChanged,
     #[error("the write was not committed within {0:?}; it may still be applied, so retry with the same request id")]
     Timeout(std::time::Duration),
+    #[error(
+        "host {host:?} is in DAS pod {pod:?}, whose instances keep their disks on their host and \
+         cannot move: {}; delete them or wait for them to end before maintenance",
+        .instances.join(", ")
+    )]
+    NotDrainable {
+        host: String,
+        pod: String,
+        instances: Vec<String>,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -93,6 +105,7 @@ impl ApiError {
             ApiError::HostUnreachable { .. } => (Code::Unavailable, "HOST_UNREACHABLE"),
             ApiError::LeaderChanged => (Code::Unavailable, "LEADER_CHANGED"),
             ApiError::Timeout(_) => (Code::DeadlineExceeded, "TIMEOUT"),
+            ApiError::NotDrainable { .. } => (Code::FailedPrecondition, "HOST_NOT_DRAINABLE"),
             ApiError::Internal(_) => (Code::Internal, "INTERNAL"),
         }
     }
@@ -119,6 +132,31 @@ fn rejection_code(rejection: &Rejection) -> (tonic::Code, &'static str) {
         | Rejection::OrderClosed(_)
         | Rejection::OrderOpen { .. }
         | Rejection::StaleGeneration { .. } => (Code::Aborted, "CONFLICT"),
+        Rejection::UnknownVolume(_) => (Code::NotFound, "VOLUME_NOT_FOUND"),
+        Rejection::VolumeNameTaken(_) | Rejection::VolumeIdTaken(_) => (Code::AlreadyExists, "NAME_TAKEN"),
+        Rejection::VolumeHostMismatch { .. } => (Code::FailedPrecondition, "VOLUME_HOST_MISMATCH"),
+        Rejection::VolumePodMismatch { .. } | Rejection::NetworkPodMismatch { .. } => {
+            (Code::FailedPrecondition, "POD_MISMATCH")
+        }
+        Rejection::VolumeAttached { .. } | Rejection::NicExists { .. } | Rejection::NetworkInUse { .. } => {
+            (Code::FailedPrecondition, "IN_USE")
+        }
+        Rejection::PoolFull { .. } => (Code::ResourceExhausted, "POOL_FULL"),
+        Rejection::SubnetExhausted { .. } => (Code::ResourceExhausted, "SUBNET_EXHAUSTED"),
+        Rejection::NotMigratable { .. } => (Code::FailedPrecondition, "NOT_MIGRATABLE"),
+        Rejection::VolumeNotAttached { .. }
+        | Rejection::VolumeNotAvailable { .. }
+        | Rejection::NoSanPool(_)
+        | Rejection::NotSanAgent { .. }
+        | Rejection::NoSuchNic { .. }
+        | Rejection::NetworkNotActive { .. }
+        | Rejection::NetworkNotDeleting(_)
+        | Rejection::AlreadyMoving { .. }
+        | Rejection::NotRunning { .. }
+        | Rejection::SameHost { .. }
+        | Rejection::StaleCopyPending { .. }
+        | Rejection::HostNotSuspect { .. }
+        | Rejection::HostNotFenced { .. } => (Code::FailedPrecondition, "WRONG_STATE"),
     }
 }
 

@@ -2,10 +2,13 @@
 //! serves the zone API and the Raft transport on one gRPC port, and runs
 //! the reconciler while it leads.
 
+pub mod drift;
 pub mod error;
+pub mod fencing;
 pub mod node;
 pub mod ops;
 pub mod reconciler;
+pub mod resources;
 pub mod service;
 pub mod status;
 

@@ -17,7 +17,8 @@ use crate::raft::types::{NodeId, Raft};
 use crate::store::db::{self, DbError, CF_HOSTS, CF_INSTANCES, CF_JOURNAL, CF_NAMES, CF_PODS};
 use crate::zone::command::{Command, CommandResult};
 use crate::zone::model::{
-    Host, Instance, JournalEntry, KeyValue, LeaderStamp, Network, Pod, PodProfile,
+    FenceRecord, Host, Instance, InstanceDevices, JournalEntry, KeyValue, LeaderStamp, Move,
+    Network, Pod, PodProfile, SanPool, StaleCopy, Volume,
 };
 
 /// How long a proposal may wait for commit before the caller gets an indeterminate result.
@@ -172,6 +173,45 @@ impl Node {
 
     pub fn order(&self, id: u64) -> Result<Option<JournalEntry>, ApiError> {
         Ok(db::get(&self.db, CF_JOURNAL, &db::index_key(id))?)
+    }
+
+    pub fn volumes(&self) -> Result<Vec<Volume>, ApiError> {
+        Ok(db::scan(&self.db, db::CF_VOLUMES)?)
+    }
+
+    /// Finds a volume by name, or by id when no volume has that name.
+    pub fn volume(&self, name_or_id: &str) -> Result<Option<Volume>, ApiError> {
+        let id: Option<String> = db::get(&self.db, db::CF_VOLUME_NAMES, name_or_id.as_bytes())?;
+        let id = id.unwrap_or_else(|| name_or_id.to_string());
+        Ok(db::get(&self.db, db::CF_VOLUMES, id.as_bytes())?)
+    }
+
+    pub fn san_pool(&self, pod: &str) -> Result<Option<SanPool>, ApiError> {
+        Ok(db::get(&self.db, db::CF_SAN_POOLS, pod.as_bytes())?)
+    }
+
+    /// An instance's devices; none when it has no record.
+    pub fn devices(&self, instance_id: &str) -> Result<InstanceDevices, ApiError> {
+        let stored: Option<InstanceDevices> = db::get(&self.db, db::CF_DEVICES, instance_id.as_bytes())?;
+        Ok(stored.unwrap_or_default())
+    }
+
+    /// Migrations in progress, by instance id.
+    pub fn moves(&self) -> Result<BTreeMap<String, Move>, ApiError> {
+        let moves: Vec<Move> = db::scan(&self.db, db::CF_MOVES)?;
+        Ok(moves.into_iter().map(|m| (m.instance_id.clone(), m)).collect())
+    }
+
+    pub fn move_of(&self, instance_id: &str) -> Result<Option<Move>, ApiError> {
+        Ok(db::get(&self.db, db::CF_MOVES, instance_id.as_bytes())?)
+    }
+
+    pub fn stale_copies(&self) -> Result<Vec<StaleCopy>, ApiError> {
+        Ok(db::scan(&self.db, db::CF_STALE_COPIES)?)
+    }
+
+    pub fn fence(&self, host: &str) -> Result<Option<FenceRecord>, ApiError> {
+        Ok(db::get(&self.db, db::CF_FENCES, host.as_bytes())?)
     }
 
     /// Last applied log index of this replica.

@@ -16,7 +16,7 @@ use crate::scheduler::{self, Reserved};
 use crate::zone::command::{Command, CommandResult, Rejection};
 use crate::zone::model::{
     Host, HostHealth, Instance, KeyValue, Network, NetworkMode, Placement, Pod, PodProfile,
-    StorageModel, DEFAULT_WORKLOAD_CLASS,
+    StorageModel, VolumePool, DEFAULT_WORKLOAD_CLASS,
 };
 
 /// Largest instance the API accepts: 256 vCPUs, 4 TiB memory, 64 TiB disk.
@@ -35,6 +35,18 @@ pub struct CreateInstance {
     pub disk_gib: u64,
     pub pod: Option<String>,
     pub request_id: Option<String>,
+    /// Volume names or ids to attach.
+    pub volumes: Vec<String>,
+    /// Networks to attach one NIC each to.
+    pub networks: Vec<String>,
+}
+
+/// A create's devices as resolved on the leader.
+#[derive(Debug, Default)]
+struct ResolvedDevices {
+    volume_ids: Vec<String>,
+    /// The host of the create's DAS volumes, which the instance must use.
+    host: Option<String>,
 }
 
 /// A request to create a pod; `None` fields take their defaults.
@@ -175,6 +187,20 @@ pub struct HostLiveness {
     pub last_heartbeat: Instant,
     /// Instance ids reported missing by consecutive heartbeats.
     pub absent: BTreeMap<String, u32>,
+    /// What the host's latest heartbeat reported; `None` until one arrives.
+    pub report: Option<HostReport>,
+}
+
+/// A host's view of itself, as its agent's heartbeat reports it.
+#[derive(Clone, Debug)]
+pub struct HostReport {
+    /// Domain UUID to state ("running", "stopped").
+    pub domains: BTreeMap<String, String>,
+    /// Volume names (ids) in the host's ccs pools.
+    pub volumes: Vec<String>,
+    /// ccs network names defined on the host.
+    pub networks: Vec<String>,
+    pub received: Instant,
 }
 
 /// Leader-side operations over one replica's node.
@@ -241,9 +267,24 @@ impl CreateInstance {
                 return Err(ApiError::invalid("request_id", request_id, "must be at most 128 bytes"));
             }
         }
+        for (field, names) in [("volumes", &self.volumes), ("networks", &self.networks)] {
+            if names.len() > MAX_DEVICES {
+                let reason = format!("lists {} entries; the limit is {MAX_DEVICES}", names.len());
+                return Err(ApiError::invalid(field, names.join(","), reason));
+            }
+            let mut sorted = names.clone();
+            sorted.sort();
+            if let Some(pair) = sorted.windows(2).find(|pair| pair[0] == pair[1]) {
+                let reason = format!("names {:?} twice", pair[0]);
+                return Err(ApiError::invalid(field, names.join(","), reason));
+            }
+        }
         Ok(())
     }
 }
+
+/// Most volumes, and most NICs, one instance can have.
+const MAX_DEVICES: usize = 16;
 
 impl Zone {
     pub fn new(node: Arc<Node>) -> Zone {
@@ -268,16 +309,18 @@ impl Zone {
             return Err(Rejection::NameTaken(request.name).into());
         }
         let pods = self.node.pods()?;
+        let mut request = request;
+        let devices = self.resolve_devices(&mut request)?;
         if let Some(pod) = &request.pod {
             if !pods.contains_key(pod) {
                 return Err(Rejection::UnknownPod(pod.clone()).into());
             }
         }
         for _ in 0..PLACEMENT_ATTEMPTS {
-            match self.try_place(&request, &pods).await? {
-                CommandResult::Instance(instance) | CommandResult::Duplicate(instance) => {
-                    return Ok(instance)
-                }
+            match self.try_place(&request, &pods, &devices).await? {
+                CommandResult::Instance(instance)
+                | CommandResult::Duplicate(instance)
+                | CommandResult::Devices(instance, _) => return Ok(instance),
                 CommandResult::Rejected(Rejection::HostFull { .. } | Rejection::HostNotUp(_)) => {
                     continue
                 }
@@ -291,10 +334,54 @@ impl Zone {
         )))
     }
 
+    /// Resolves a create's volumes to ids and pins the request to the pod
+    /// (and, for DAS volumes, the host) its volumes and networks live in.
+    fn resolve_devices(&self, request: &mut CreateInstance) -> Result<ResolvedDevices, ApiError> {
+        let mut resolved = ResolvedDevices::default();
+        // (pod, what lives there) of every device, checked against the request's pod.
+        let mut homes: Vec<(String, String)> = Vec::new();
+        for name in &request.volumes {
+            let Some(volume) = self.node.volume(name)? else {
+                return Err(Rejection::UnknownVolume(name.clone()).into());
+            };
+            homes.push((volume.pod.clone(), format!("volume {name:?}")));
+            if volume.pool == VolumePool::Local {
+                if let Some(host) = &resolved.host {
+                    if *host != volume.host {
+                        let reason = format!(
+                            "DAS volumes live on different hosts ({host:?} and {:?}); an instance can use only volumes of its own host",
+                            volume.host
+                        );
+                        return Err(ApiError::invalid("volumes", request.volumes.join(","), reason));
+                    }
+                }
+                resolved.host = Some(volume.host.clone());
+            }
+            resolved.volume_ids.push(volume.id);
+        }
+        for name in &request.networks {
+            let Some(network) = self.node.network(name)? else {
+                return Err(Rejection::UnknownNetwork(name.clone()).into());
+            };
+            homes.push((network.pod.clone(), format!("network {name:?}")));
+        }
+        for (pod, what) in homes {
+            match &request.pod {
+                Some(wanted) if *wanted != pod => {
+                    let reason = format!("{what} is in pod {pod:?}; an instance and its devices share one pod");
+                    return Err(ApiError::invalid("pod", wanted, reason));
+                }
+                _ => request.pod = Some(pod),
+            }
+        }
+        Ok(resolved)
+    }
+
     async fn try_place(
         &self,
         request: &CreateInstance,
         pods: &BTreeMap<String, Pod>,
+        devices: &ResolvedDevices,
     ) -> Result<CommandResult, ApiError> {
         let hosts = self.node.hosts()?;
         let wanted = scheduler::Request {
@@ -302,6 +389,8 @@ impl Zone {
             memory_mib: request.memory_mib,
             disk_gib: request.disk_gib,
             pod: request.pod.as_deref(),
+            host: devices.host.as_deref(),
+            avoid: None,
         };
         let decision = {
             let mut reserved = self.reserved.lock().expect("lock poisoned");
@@ -326,20 +415,36 @@ impl Zone {
                 disk_gib: request.disk_gib,
             });
         };
-        let command = Command::CreateInstance {
-            id: uuid::Uuid::new_v4().to_string(),
-            name: request.name.clone(),
-            vcpus: request.vcpus,
-            memory_mib: request.memory_mib,
-            disk_gib: request.disk_gib,
-            pod: decision.pod.clone(),
-            host: decision.host.clone(),
-            request_id: request.request_id.clone(),
+        let id = uuid::Uuid::new_v4().to_string();
+        let command = if devices.volume_ids.is_empty() && request.networks.is_empty() {
+            Command::CreateInstance {
+                id,
+                name: request.name.clone(),
+                vcpus: request.vcpus,
+                memory_mib: request.memory_mib,
+                disk_gib: request.disk_gib,
+                pod: decision.pod.clone(),
+                host: decision.host.clone(),
+                request_id: request.request_id.clone(),
+            }
+        } else {
+            Command::CreateInstanceWithDevices {
+                id,
+                name: request.name.clone(),
+                vcpus: request.vcpus,
+                memory_mib: request.memory_mib,
+                disk_gib: request.disk_gib,
+                pod: decision.pod.clone(),
+                host: decision.host.clone(),
+                request_id: request.request_id.clone(),
+                volumes: devices.volume_ids.clone(),
+                networks: request.networks.clone(),
+            }
         };
         let result = self.node.propose(command).await;
         self.release(&decision.host, request);
         let outcome = match &result {
-            Ok(CommandResult::Instance(_)) => "placed",
+            Ok(CommandResult::Instance(_) | CommandResult::Devices(..)) => "placed",
             Ok(CommandResult::Rejected(Rejection::HostFull { .. })) => "conflict",
             _ => "other",
         };
@@ -422,15 +527,29 @@ impl Zone {
         }
     }
 
-    pub async fn register_host(&self, command: Command) -> Result<Host, ApiError> {
+    /// Registers a host, and the SAN pool it fronts when `san_pool_gib` is set.
+    pub async fn register_host(&self, command: Command, san_pool_gib: u64) -> Result<Host, ApiError> {
         let result = self.node.propose(command).await?;
         match result {
             CommandResult::Host(host) => {
+                if san_pool_gib > 0 {
+                    let pool = Command::RegisterSanPool {
+                        pod: host.pod.clone(),
+                        host: host.id.clone(),
+                        capacity_gib: san_pool_gib,
+                    };
+                    match self.node.propose(pool).await? {
+                        CommandResult::SanPool(_) => {}
+                        CommandResult::Rejected(rejection) => return Err(rejection.into()),
+                        other => return Err(ApiError::Internal(format!("unexpected result {other:?}"))),
+                    }
+                }
                 self.liveness.insert(
                     host.id.clone(),
                     HostLiveness {
                         last_heartbeat: Instant::now(),
                         absent: BTreeMap::new(),
+                        report: None,
                     },
                 );
                 Ok(host)
@@ -440,14 +559,14 @@ impl Zone {
         }
     }
 
-    /// Records a heartbeat: marks the host up again if it was suspect, and
-    /// marks instances missing that the host stopped reporting.
-    pub async fn heartbeat(&self, host_id: &str, domains: &[String]) -> Result<(), ApiError> {
+    /// Records a heartbeat: marks the host up again if it was suspect or
+    /// fenced, and marks instances missing that the host stopped reporting.
+    pub async fn heartbeat(&self, host_id: &str, report: HostReport) -> Result<(), ApiError> {
         let Some(host) = self.node.host(host_id)? else {
             return Err(Rejection::UnknownHost(host_id.to_string()).into());
         };
-        let missing = self.record_heartbeat(&host, domains)?;
-        if host.health != HostHealth::Up {
+        let missing = self.record_heartbeat(&host, report)?;
+        if matches!(host.health, HostHealth::Suspect | HostHealth::Fenced) {
             tracing::info!(host_id, "host is up again");
             self.node
                 .propose(Command::SetHostHealth {
@@ -470,7 +589,7 @@ impl Zone {
 
     /// Updates the host's liveness and returns instances absent from two
     /// heartbeats in a row while they should be running and no order is open.
-    fn record_heartbeat(&self, host: &Host, domains: &[String]) -> Result<Vec<String>, ApiError> {
+    fn record_heartbeat(&self, host: &Host, report: HostReport) -> Result<Vec<String>, ApiError> {
         let instances: Vec<Instance> = self
             .node
             .instances()?
@@ -480,6 +599,7 @@ impl Zone {
         let mut entry = self.liveness.entry(host.id.clone()).or_insert_with(|| HostLiveness {
             last_heartbeat: Instant::now(),
             absent: BTreeMap::new(),
+            report: None,
         });
         entry.last_heartbeat = Instant::now();
         let mut missing = Vec::new();
@@ -487,7 +607,7 @@ impl Zone {
         for instance in instances {
             let expected = instance.observed == crate::zone::model::ObservedState::Running
                 && instance.open_order.is_none();
-            if !expected || domains.contains(&instance.id) {
+            if !expected || report.domains.contains_key(&instance.id) {
                 continue;
             }
             let count = entry.absent.get(&instance.id).copied().unwrap_or(0) + 1;
@@ -498,6 +618,7 @@ impl Zone {
             }
         }
         entry.absent = absent;
+        entry.report = Some(report);
         Ok(missing)
     }
 }

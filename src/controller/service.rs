@@ -83,6 +83,27 @@ impl ZoneService {
         }
     }
 
+    /// Converts an instance, reading its devices and migration.
+    fn instance_reply(&self, instance: &model::Instance) -> Result<Instance, ApiError> {
+        let node = &self.zone.node;
+        let devices = node.devices(&instance.id)?;
+        let migration = node.move_of(&instance.id)?;
+        Ok(instance_message(instance, &devices, migration.as_ref().map(|m| m.to.as_str())))
+    }
+
+    fn device_reply(&self, change: super::resources::DeviceChange) -> Result<DeviceChangeReply, ApiError> {
+        let migration = self.zone.node.move_of(&change.instance.id)?;
+        Ok(DeviceChangeReply {
+            instance: Some(instance_message(
+                &change.instance,
+                &change.devices,
+                migration.as_ref().map(|m| m.to.as_str()),
+            )),
+            applies: change.applies.as_str().to_string(),
+            message: change.message,
+        })
+    }
+
     fn agent_client(&self, endpoint: &str) -> Result<AgentClient<Channel>, Status> {
         if let Some(client) = self.agent_clients.get(endpoint) {
             return Ok(client.clone());
@@ -93,7 +114,12 @@ impl ZoneService {
     }
 }
 
-pub fn instance_message(instance: &model::Instance) -> Instance {
+/// Converts an instance with its devices and, while it migrates, its destination.
+pub fn instance_message(
+    instance: &model::Instance,
+    devices: &model::InstanceDevices,
+    migrating_to: Option<&str>,
+) -> Instance {
     Instance {
         id: instance.id.clone(),
         name: instance.name.clone(),
@@ -108,6 +134,50 @@ pub fn instance_message(instance: &model::Instance) -> Instance {
         created_index: instance.created_index,
         request_id: instance.request_id.clone().unwrap_or_default(),
         last_error: instance.last_error.clone().unwrap_or_default(),
+        volumes: devices.volumes.clone(),
+        nics: devices
+            .nics
+            .iter()
+            .map(|nic| InstanceNic {
+                network: nic.network.clone(),
+                mac: nic.mac.clone(),
+                ip: nic.ip.clone(),
+            })
+            .collect(),
+        migrating_to: migrating_to.unwrap_or_default().to_string(),
+    }
+}
+
+fn volume_message(volume: &model::Volume) -> Volume {
+    Volume {
+        id: volume.id.clone(),
+        name: volume.name.clone(),
+        pod: volume.pod.clone(),
+        pool: volume.pool.as_str().to_string(),
+        host: volume.host.clone(),
+        size_gib: volume.size_gib,
+        state: volume.state.as_str().to_string(),
+        attached_to: volume.attached_to.clone().unwrap_or_default(),
+        created_index: volume.created_index,
+        last_error: volume.last_error.clone().unwrap_or_default(),
+    }
+}
+
+fn drift_message(report: &super::drift::DriftReport) -> ZoneDriftReply {
+    ZoneDriftReply {
+        items: report
+            .items
+            .iter()
+            .map(|item| DriftItem {
+                host: item.host.clone(),
+                kind: item.kind.to_string(),
+                name: item.name.clone(),
+                problem: item.problem.to_string(),
+                detail: item.detail.clone(),
+            })
+            .collect(),
+        hosts_checked: report.hosts_checked,
+        unreported: report.unreported.clone(),
     }
 }
 
@@ -224,15 +294,17 @@ impl zone_server::Zone for ZoneService {
             disk_gib: message.disk_gib,
             pod: non_empty(message.pod),
             request_id: non_empty(message.request_id),
+            volumes: message.volumes,
+            networks: message.networks,
         };
         let instance = self.zone.create_instance(create).await?;
-        Ok(Response::new(instance_message(&instance)))
+        Ok(Response::new(self.instance_reply(&instance)?))
     }
 
     async fn delete_instance(&self, request: Request<InstanceRef>) -> Result<Response<Instance>, Status> {
         write!(self, request, delete_instance);
         let instance = self.zone.delete_instance(&request.into_inner().name).await?;
-        Ok(Response::new(instance_message(&instance)))
+        Ok(Response::new(self.instance_reply(&instance)?))
     }
 
     async fn get_instance(&self, request: Request<GetInstanceRequest>) -> Result<Response<InstanceReply>, Status> {
@@ -244,7 +316,7 @@ impl zone_server::Zone for ZoneService {
                 .instance(&name)?
                 .ok_or_else(|| ApiError::from(crate::zone::command::Rejection::UnknownInstance(name.clone())))?;
             Ok::<_, ApiError>(InstanceReply {
-                instance: Some(instance_message(&instance)),
+                instance: Some(self.instance_reply(&instance)?),
                 read: Some(self.read_info(stale)),
             })
         })
@@ -252,9 +324,16 @@ impl zone_server::Zone for ZoneService {
 
     async fn list_instances(&self, request: Request<ReadRequest>) -> Result<Response<InstanceList>, Status> {
         read!(self, request, request.get_ref().stale, list_instances, |stale| {
-            let instances = self.zone.node.instances()?;
+            let node = &self.zone.node;
+            let moves = node.moves()?;
+            let mut instances = Vec::new();
+            for instance in node.instances()? {
+                let devices = node.devices(&instance.id)?;
+                let migrating_to = moves.get(&instance.id).map(|m| m.to.as_str());
+                instances.push(instance_message(&instance, &devices, migrating_to));
+            }
             Ok::<_, ApiError>(InstanceList {
-                instances: instances.iter().map(instance_message).collect(),
+                instances,
                 read: Some(self.read_info(stale)),
             })
         })
@@ -512,16 +591,122 @@ impl zone_server::Zone for ZoneService {
             disk_gib: message.disk_gib,
             boot_id: message.boot_id,
         };
-        let host = self.zone.register_host(command).await?;
+        let host = self.zone.register_host(command, message.san_pool_gib).await?;
         Ok(Response::new(host_message(&host)))
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
         write!(self, request, heartbeat);
         let message = request.into_inner();
-        let domains: Vec<String> = message.domains.into_iter().map(|d| d.uuid).collect();
-        self.zone.heartbeat(&message.host_id, &domains).await?;
+        let report = ops::HostReport {
+            domains: message.domains.into_iter().map(|d| (d.uuid, d.state)).collect(),
+            volumes: message.volumes,
+            networks: message.networks,
+            received: tokio::time::Instant::now(),
+        };
+        self.zone.heartbeat(&message.host_id, report).await?;
         Ok(Response::new(HeartbeatReply { leader_id: self.zone.node.id }))
+    }
+
+    async fn create_volume(&self, request: Request<CreateVolumeRequest>) -> Result<Response<Volume>, Status> {
+        write!(self, request, create_volume);
+        let message = request.into_inner();
+        let volume = self
+            .zone
+            .create_volume(message.name, message.pod, message.size_gib, non_empty(message.host))
+            .await?;
+        Ok(Response::new(volume_message(&volume)))
+    }
+
+    async fn delete_volume(&self, request: Request<VolumeRef>) -> Result<Response<Volume>, Status> {
+        write!(self, request, delete_volume);
+        let volume = self.zone.delete_volume(&request.into_inner().name).await?;
+        Ok(Response::new(volume_message(&volume)))
+    }
+
+    async fn get_volume(&self, request: Request<GetVolumeRequest>) -> Result<Response<VolumeReply>, Status> {
+        let name = request.get_ref().name.clone();
+        read!(self, request, request.get_ref().stale, get_volume, |stale| {
+            let volume = self
+                .zone
+                .node
+                .volume(&name)?
+                .ok_or_else(|| ApiError::from(Rejection::UnknownVolume(name.clone())))?;
+            Ok::<_, ApiError>(VolumeReply {
+                volume: Some(volume_message(&volume)),
+                read: Some(self.read_info(stale)),
+            })
+        })
+    }
+
+    async fn list_volumes(&self, request: Request<ReadRequest>) -> Result<Response<VolumeList>, Status> {
+        read!(self, request, request.get_ref().stale, list_volumes, |stale| {
+            let volumes = self.zone.node.volumes()?;
+            Ok::<_, ApiError>(VolumeList {
+                volumes: volumes.iter().map(volume_message).collect(),
+                read: Some(self.read_info(stale)),
+            })
+        })
+    }
+
+    async fn attach_volume(&self, request: Request<AttachVolumeRequest>) -> Result<Response<DeviceChangeReply>, Status> {
+        write!(self, request, attach_volume);
+        let message = request.into_inner();
+        let change = self.zone.attach_volume(&message.volume, &message.instance).await?;
+        Ok(Response::new(self.device_reply(change)?))
+    }
+
+    async fn detach_volume(&self, request: Request<VolumeRef>) -> Result<Response<DeviceChangeReply>, Status> {
+        write!(self, request, detach_volume);
+        let change = self.zone.detach_volume(&request.into_inner().name).await?;
+        Ok(Response::new(self.device_reply(change)?))
+    }
+
+    async fn attach_nic(&self, request: Request<NicRequest>) -> Result<Response<DeviceChangeReply>, Status> {
+        write!(self, request, attach_nic);
+        let message = request.into_inner();
+        let change = self.zone.attach_nic(&message.instance, &message.network).await?;
+        Ok(Response::new(self.device_reply(change)?))
+    }
+
+    async fn detach_nic(&self, request: Request<NicRequest>) -> Result<Response<DeviceChangeReply>, Status> {
+        write!(self, request, detach_nic);
+        let message = request.into_inner();
+        let change = self.zone.detach_nic(&message.instance, &message.network).await?;
+        Ok(Response::new(self.device_reply(change)?))
+    }
+
+    async fn migrate_instance(&self, request: Request<MigrateInstanceRequest>) -> Result<Response<Instance>, Status> {
+        write!(self, request, migrate_instance);
+        let message = request.into_inner();
+        let instance = self.zone.migrate_instance(&message.instance, non_empty(message.to_host)).await?;
+        Ok(Response::new(self.instance_reply(&instance)?))
+    }
+
+    async fn drain_host(&self, request: Request<HostRef>) -> Result<Response<DrainReply>, Status> {
+        write!(self, request, drain_host);
+        let (host, migrating) = self.zone.drain_host(&request.into_inner().host).await?;
+        let mut replies = Vec::with_capacity(migrating.len());
+        for instance in &migrating {
+            replies.push(self.instance_reply(instance)?);
+        }
+        Ok(Response::new(DrainReply {
+            host: Some(host_message(&host)),
+            migrating: replies,
+        }))
+    }
+
+    async fn undrain_host(&self, request: Request<HostRef>) -> Result<Response<Host>, Status> {
+        write!(self, request, undrain_host);
+        let host = self.zone.undrain_host(&request.into_inner().host).await?;
+        Ok(Response::new(host_message(&host)))
+    }
+
+    async fn zone_drift(&self, request: Request<ZoneDriftRequest>) -> Result<Response<ZoneDriftReply>, Status> {
+        // Only the leader receives heartbeats, so only it can compare.
+        write!(self, request, zone_drift);
+        let report = self.zone.drift()?;
+        Ok(Response::new(drift_message(&report)))
     }
 }
 

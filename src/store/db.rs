@@ -34,11 +34,28 @@ pub const CF_NETWORKS: &str = "networks";
 /// Free segmentation ids of each pod, as ranges. The key is the pod name, a
 /// zero byte and the range's first id (big-endian u32). The value is its last id.
 pub const CF_SEGMENTATION_FREE: &str = "segmentation_free";
+/// Volume id to `Volume`.
+pub const CF_VOLUMES: &str = "volumes";
+/// Volume name to volume id.
+pub const CF_VOLUME_NAMES: &str = "volume_names";
+/// SAN pod name to `SanPool`.
+pub const CF_SAN_POOLS: &str = "san_pools";
+/// Instance id to `InstanceDevices`.
+pub const CF_DEVICES: &str = "devices";
+/// IP leases: network name, a zero byte and the address (big-endian u32),
+/// to the instance id holding it.
+pub const CF_LEASES: &str = "leases";
+/// Instance id to the `Move` of its migration in progress.
+pub const CF_MOVES: &str = "moves";
+/// Stale copies to evict: host id, a zero byte and the instance id, to `StaleCopy`.
+pub const CF_STALE_COPIES: &str = "stale_copies";
+/// Host id to its latest `FenceRecord`.
+pub const CF_FENCES: &str = "fences";
 
 /// The column families that make up the state machine, in snapshot order.
 /// A snapshot record names its column family by position here, so new
 /// families are appended.
-pub const STATE_CFS: [&str; 11] = [
+pub const STATE_CFS: [&str; 19] = [
     CF_SM_META,
     CF_PODS,
     CF_HOSTS,
@@ -50,6 +67,14 @@ pub const STATE_CFS: [&str; 11] = [
     CF_POD_PROFILES,
     CF_NETWORKS,
     CF_SEGMENTATION_FREE,
+    CF_VOLUMES,
+    CF_VOLUME_NAMES,
+    CF_SAN_POOLS,
+    CF_DEVICES,
+    CF_LEASES,
+    CF_MOVES,
+    CF_STALE_COPIES,
+    CF_FENCES,
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -20,21 +20,29 @@ use serde::Serialize;
 
 use super::command::{Command, CommandResult, Rejection};
 use super::model::{
-    DesiredState, Host, HostHealth, Instance, JournalEntry, KeyValue, Network, NetworkState,
-    ObservedState, OrderAction, OrderOutcome, Pod, PodProfile,
+    DesiredState, Host, HostHealth, Instance, InstanceDevices, JournalEntry, KeyValue, LeaderStamp,
+    Move, Network, NetworkState, ObservedState, OrderAction, OrderOutcome, Pod, PodProfile,
 };
+use super::{moves, nics, volumes};
 use crate::store::db::{
-    self, DbError, CF_HOSTS, CF_INSTANCES, CF_JOURNAL, CF_KEYS, CF_NAMES, CF_NETWORKS, CF_PODS,
-    CF_POD_PROFILES, CF_REQUESTS, CF_SEGMENTATION_FREE,
+    self, DbError, CF_DEVICES, CF_HOSTS, CF_INSTANCES, CF_JOURNAL, CF_KEYS, CF_MOVES, CF_NAMES,
+    CF_NETWORKS, CF_PODS, CF_POD_PROFILES, CF_REQUESTS, CF_SEGMENTATION_FREE,
 };
 
 /// A raw key and value read through a `Txn`.
 type Entry = (Vec<u8>, Vec<u8>);
 
+/// An overlay slot: `None` when the key was not written, else the pending
+/// value (`None` for a delete).
+type Slot = Option<Option<Vec<u8>>>;
+
 /// Pending writes of one apply call over the database, readable before commit.
 pub struct Txn<'a> {
-    db: &'a DB,
+    pub(super) db: &'a DB,
     overlay: BTreeMap<(&'static str, Vec<u8>), Option<Vec<u8>>>,
+    /// Each write of the current command with the slot it replaced, so that
+    /// a rejected command leaves no write behind.
+    undo: Vec<((&'static str, Vec<u8>), Slot)>,
 }
 
 impl<'a> Txn<'a> {
@@ -42,6 +50,28 @@ impl<'a> Txn<'a> {
         Txn {
             db,
             overlay: BTreeMap::new(),
+            undo: Vec::new(),
+        }
+    }
+
+    fn write(&mut self, cf: &'static str, key: &[u8], value: Option<Vec<u8>>) {
+        let slot = (cf, key.to_vec());
+        let previous = self.overlay.insert(slot.clone(), value);
+        self.undo.push((slot, previous));
+    }
+
+    /// Starts a command: earlier commands' writes become final.
+    fn begin(&mut self) {
+        self.undo.clear();
+    }
+
+    /// Drops the current command's writes.
+    fn roll_back(&mut self) {
+        while let Some((slot, previous)) = self.undo.pop() {
+            match previous {
+                Some(value) => self.overlay.insert(slot, value),
+                None => self.overlay.remove(&slot),
+            };
         }
     }
 
@@ -54,12 +84,45 @@ impl<'a> Txn<'a> {
     }
 
     pub fn put<T: Serialize>(&mut self, cf: &'static str, key: &[u8], value: &T) -> Result<(), DbError> {
-        self.overlay.insert((cf, key.to_vec()), Some(db::encode(value)?));
+        let bytes = db::encode(value)?;
+        self.write(cf, key, Some(bytes));
         Ok(())
     }
 
     pub fn delete(&mut self, cf: &'static str, key: &[u8]) {
-        self.overlay.insert((cf, key.to_vec()), None);
+        self.write(cf, key, None);
+    }
+
+    /// Returns every record of `cf` whose key starts with `prefix`, as the
+    /// pending writes would leave the column family, in key order.
+    pub fn scan_prefix<T: DeserializeOwned>(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, T)>, DbError> {
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let handle = self.db.cf_handle(cf).expect("column family is created at open");
+        for item in self.db.iterator_cf(&handle, IteratorMode::From(prefix, Direction::Forward)) {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            merged.insert(key.to_vec(), value.to_vec());
+        }
+        let pending = self.overlay.range((cf, prefix.to_vec())..);
+        for ((pending_cf, key), value) in pending {
+            if *pending_cf != cf || !key.starts_with(prefix) {
+                break;
+            }
+            match value {
+                Some(bytes) => merged.insert(key.clone(), bytes.clone()),
+                None => merged.remove(key),
+            };
+        }
+        merged
+            .into_iter()
+            .map(|(key, bytes)| Ok((key, db::decode(cf, &bytes)?)))
+            .collect()
     }
 
     /// Returns the entry with the smallest key in `start..end`, as the
@@ -142,8 +205,17 @@ impl<'a> Txn<'a> {
     }
 }
 
-/// Applies one command at log index `index`.
+/// Applies one command at log index `index`. A rejected command writes nothing.
 pub fn apply_command(txn: &mut Txn, index: u64, command: &Command) -> Result<CommandResult, DbError> {
+    txn.begin();
+    let result = apply_one(txn, index, command)?;
+    if matches!(result, CommandResult::Rejected(_)) {
+        txn.roll_back();
+    }
+    Ok(result)
+}
+
+fn apply_one(txn: &mut Txn, index: u64, command: &Command) -> Result<CommandResult, DbError> {
     let result = match command {
         Command::CreatePod { pod } => create_pod(txn, pod, None)?,
         Command::CreatePodWithProfile { pod, profile } => create_pod(txn, pod, Some(profile))?,
@@ -187,23 +259,23 @@ pub fn apply_command(txn: &mut Txn, index: u64, command: &Command) -> Result<Com
             host,
             request_id,
         } => {
-            let instance = Instance {
-                id: id.clone(),
-                name: name.clone(),
-                vcpus: *vcpus,
-                memory_mib: *memory_mib,
-                disk_gib: *disk_gib,
-                pod: pod.clone(),
-                host: host.clone(),
-                desired: DesiredState::Running,
-                observed: ObservedState::Pending,
-                generation: 1,
-                created_index: index,
-                request_id: request_id.clone(),
-                last_error: None,
-                open_order: None,
-            };
-            create_instance(txn, instance)?
+            let instance = new_instance(index, id, name, (*vcpus, *memory_mib, *disk_gib), pod, host, request_id);
+            create_instance(txn, instance, &[], &[])?
+        }
+        Command::CreateInstanceWithDevices {
+            id,
+            name,
+            vcpus,
+            memory_mib,
+            disk_gib,
+            pod,
+            host,
+            request_id,
+            volumes,
+            networks,
+        } => {
+            let instance = new_instance(index, id, name, (*vcpus, *memory_mib, *disk_gib), pod, host, request_id);
+            create_instance(txn, instance, volumes, networks)?
         }
         Command::DeleteInstance { id } => delete_instance(txn, id)?,
         Command::OpenOrder {
@@ -214,7 +286,7 @@ pub fn apply_command(txn: &mut Txn, index: u64, command: &Command) -> Result<Com
         } => {
             let entry = JournalEntry {
                 id: index,
-                instance_id: instance_id.clone(),
+                subject: instance_id.clone(),
                 host_id: String::new(),
                 action: *action,
                 generation: *generation,
@@ -245,8 +317,80 @@ pub fn apply_command(txn: &mut Txn, index: u64, command: &Command) -> Result<Com
             }
             put_key(txn, index, key, value)?
         }
+        Command::RegisterSanPool {
+            pod,
+            host,
+            capacity_gib,
+        } => volumes::register_san_pool(txn, pod, host, *capacity_gib)?,
+        Command::CreateVolume {
+            id,
+            name,
+            pod,
+            host,
+            size_gib,
+        } => volumes::create_volume(txn, index, id, name, pod, host.as_deref(), *size_gib)?,
+        Command::DeleteVolume { id } => volumes::delete_volume(txn, id)?,
+        Command::AttachVolume {
+            volume_id,
+            instance_id,
+        } => volumes::attach_volume(txn, volume_id, instance_id)?,
+        Command::DetachVolume { volume_id } => volumes::detach_volume(txn, volume_id)?,
+        Command::AttachNic {
+            instance_id,
+            network,
+        } => nics::attach_nic(txn, instance_id, network)?,
+        Command::DetachNic {
+            instance_id,
+            network,
+        } => nics::detach_nic(txn, instance_id, network)?,
+        Command::OpenVolumeOrder {
+            volume_id,
+            action,
+            leader,
+        } => volumes::open_volume_order(txn, index, volume_id, *action, *leader)?,
+        Command::OpenEvictOrder {
+            instance_id,
+            host,
+            leader,
+        } => moves::open_evict_order(txn, index, instance_id, host, *leader)?,
+        Command::ReleaseNetwork { name } => nics::release_network(txn, name)?,
+        Command::MigrateInstance { instance_id, to } => moves::migrate_instance(txn, index, instance_id, to)?,
+        Command::SetHostDraining { host_id, draining } => moves::set_host_draining(txn, host_id, *draining)?,
+        Command::FenceHost {
+            host_id,
+            leader,
+            method,
+        } => moves::fence_host(txn, index, host_id, *leader, method)?,
+        Command::EvacuateInstance { instance_id, to } => moves::evacuate_instance(txn, index, instance_id, to)?,
     };
     Ok(result)
+}
+
+fn new_instance(
+    index: u64,
+    id: &str,
+    name: &str,
+    (vcpus, memory_mib, disk_gib): (u32, u64, u64),
+    pod: &str,
+    host: &str,
+    request_id: &Option<String>,
+) -> Instance {
+    Instance {
+        id: id.to_string(),
+        name: name.to_string(),
+        vcpus,
+        memory_mib,
+        disk_gib,
+        pod: pod.to_string(),
+        host: host.to_string(),
+        desired: DesiredState::Running,
+        observed: ObservedState::Pending,
+        generation: 1,
+        created_index: index,
+        request_id: request_id.clone(),
+        last_error: None,
+        open_order: None,
+    }
 }
 
 fn put_key(txn: &mut Txn, index: u64, key: &str, value: &str) -> Result<CommandResult, DbError> {
@@ -259,7 +403,7 @@ fn put_key(txn: &mut Txn, index: u64, key: &str, value: &str) -> Result<CommandR
     Ok(CommandResult::Key(record))
 }
 
-fn reject(rejection: Rejection) -> Result<CommandResult, DbError> {
+pub(super) fn reject(rejection: Rejection) -> Result<CommandResult, DbError> {
     Ok(CommandResult::Rejected(rejection))
 }
 
@@ -336,14 +480,20 @@ fn create_network(
 }
 
 fn delete_network(txn: &mut Txn, name: &str) -> Result<CommandResult, DbError> {
-    let Some(network) = txn.get::<Network>(CF_NETWORKS, name.as_bytes())? else {
+    let Some(mut network) = txn.get::<Network>(CF_NETWORKS, name.as_bytes())? else {
         return reject(Rejection::UnknownNetwork(name.to_string()));
     };
-    // NOTE: no host carries networks yet. Once agents define them, delete
-    // must mark the network `Deleting` and release its id only after every
-    // host has removed it, or a new network could share a live segment.
-    txn.delete(CF_NETWORKS, name.as_bytes());
-    release_segmentation_id(txn, &network.pod, network.segmentation_id)?;
+    let holders = nics::lease_holders(txn, name)?;
+    if !holders.is_empty() {
+        return reject(Rejection::NetworkInUse {
+            network: name.to_string(),
+            instances: holders,
+        });
+    }
+    // Hosts may still carry the network; `ReleaseNetwork` frees the id
+    // once none does, so no new network can share a live segment.
+    network.state = NetworkState::Deleting;
+    txn.put(CF_NETWORKS, name.as_bytes(), &network)?;
     Ok(CommandResult::Network(network))
 }
 
@@ -388,7 +538,7 @@ fn allocate_segmentation_id(txn: &mut Txn, pod: &str) -> Result<Option<u32>, DbE
 
 /// Returns `id` to the free ranges of `pod`, merged with the free ranges
 /// that end just below it and start just above it.
-fn release_segmentation_id(txn: &mut Txn, pod: &str, id: u32) -> Result<(), DbError> {
+pub(super) fn release_segmentation_id(txn: &mut Txn, pod: &str, id: u32) -> Result<(), DbError> {
     let (mut first, mut last) = (id, id);
     let below = txn.last_in(CF_SEGMENTATION_FREE, &free_key(pod, 0), &free_key(pod, id))?;
     if let Some((key, value)) = below {
@@ -468,7 +618,12 @@ fn set_host_health(txn: &mut Txn, host_id: &str, up: bool) -> Result<CommandResu
     Ok(CommandResult::Host(host))
 }
 
-fn create_instance(txn: &mut Txn, instance: Instance) -> Result<CommandResult, DbError> {
+fn create_instance(
+    txn: &mut Txn,
+    instance: Instance,
+    volume_ids: &[String],
+    networks: &[String],
+) -> Result<CommandResult, DbError> {
     if let Some(request_id) = &instance.request_id {
         if let Some(first) = txn.get::<Instance>(CF_REQUESTS, request_id.as_bytes())? {
             // Prefer the instance as it is now; fall back to the record the
@@ -507,17 +662,53 @@ fn create_instance(txn: &mut Txn, instance: Instance) -> Result<CommandResult, D
         });
     }
 
-    host.used_vcpus += instance.vcpus;
-    host.used_memory_mib += instance.memory_mib;
-    host.used_disk_gib += instance.disk_gib;
-    host.instances += 1;
+    hold(&mut host, &instance);
     txn.put(CF_HOSTS, host.id.as_bytes(), &host)?;
     txn.put(CF_NAMES, instance.name.as_bytes(), &instance.id)?;
     if let Some(request_id) = &instance.request_id {
         txn.put(CF_REQUESTS, request_id.as_bytes(), &instance)?;
     }
     txn.put(CF_INSTANCES, instance.id.as_bytes(), &instance)?;
-    Ok(CommandResult::Instance(instance))
+    if volume_ids.is_empty() && networks.is_empty() {
+        return Ok(CommandResult::Instance(instance));
+    }
+    // A rejection below rolls back the writes above with the command.
+    let mut devices = InstanceDevices::default();
+    for volume_id in volume_ids {
+        if let Some(rejection) = volumes::attach_to(txn, volume_id, &instance)? {
+            return reject(rejection);
+        }
+        devices.volumes.push(volume_id.clone());
+    }
+    for network in networks {
+        match nics::lease(txn, &instance, &devices, network)? {
+            Ok(nic) => devices.nics.push(nic),
+            Err(rejection) => return reject(rejection),
+        }
+    }
+    txn.put(CF_DEVICES, instance.id.as_bytes(), &devices)?;
+    Ok(CommandResult::Devices(instance, devices))
+}
+
+/// Reads an instance's devices; an instance without a record has none.
+pub(super) fn devices_of(txn: &Txn, instance_id: &str) -> Result<InstanceDevices, DbError> {
+    Ok(txn.get(CF_DEVICES, instance_id.as_bytes())?.unwrap_or_default())
+}
+
+/// Adds a request to a host's used capacity.
+pub(super) fn hold(host: &mut Host, instance: &Instance) {
+    host.used_vcpus += instance.vcpus;
+    host.used_memory_mib += instance.memory_mib;
+    host.used_disk_gib += instance.disk_gib;
+    host.instances += 1;
+}
+
+/// Returns an instance's share of a host's used capacity.
+pub(super) fn release(host: &mut Host, instance: &Instance) {
+    host.used_vcpus = host.used_vcpus.saturating_sub(instance.vcpus);
+    host.used_memory_mib = host.used_memory_mib.saturating_sub(instance.memory_mib);
+    host.used_disk_gib = host.used_disk_gib.saturating_sub(instance.disk_gib);
+    host.instances = host.instances.saturating_sub(1);
 }
 
 fn delete_instance(txn: &mut Txn, id: &str) -> Result<CommandResult, DbError> {
@@ -528,12 +719,39 @@ fn delete_instance(txn: &mut Txn, id: &str) -> Result<CommandResult, DbError> {
         instance.desired = DesiredState::Deleted;
         instance.generation += 1;
         txn.put(CF_INSTANCES, id.as_bytes(), &instance)?;
+        moves::abandon_move(txn, &instance)?;
     }
     Ok(CommandResult::Instance(instance))
 }
 
+/// Closes an order an older leader left open on `open` with `Superseded`,
+/// unless the new order's leader is not newer. Returns the rejection then.
+pub(super) fn supersede(
+    txn: &mut Txn,
+    subject: &str,
+    open: Option<u64>,
+    leader: LeaderStamp,
+) -> Result<Option<Rejection>, DbError> {
+    let Some(open) = open else {
+        return Ok(None);
+    };
+    let previous: Option<JournalEntry> = txn.get(CF_JOURNAL, &db::index_key(open))?;
+    match previous {
+        Some(previous) if previous.outcome.is_none() && previous.leader >= leader => Ok(Some(Rejection::OrderOpen {
+            instance: subject.to_string(),
+            order: open,
+        })),
+        Some(mut previous) if previous.outcome.is_none() => {
+            previous.outcome = Some(OrderOutcome::Superseded);
+            txn.put(CF_JOURNAL, &db::index_key(open), &previous)?;
+            Ok(None)
+        }
+        _ => Ok(None),
+    }
+}
+
 fn open_order(txn: &mut Txn, mut entry: JournalEntry) -> Result<CommandResult, DbError> {
-    let key = entry.instance_id.clone();
+    let key = entry.subject.clone();
     let Some(mut instance) = txn.get::<Instance>(CF_INSTANCES, key.as_bytes())? else {
         return reject(Rejection::UnknownInstance(key));
     };
@@ -546,23 +764,20 @@ fn open_order(txn: &mut Txn, mut entry: JournalEntry) -> Result<CommandResult, D
     }
     // A new leader replaces the open order of an older one, which is how it
     // resumes work a deposed leader left unfinished.
-    if let Some(open) = instance.open_order {
-        let previous: Option<JournalEntry> = txn.get(CF_JOURNAL, &db::index_key(open))?;
-        match previous {
-            Some(previous) if previous.leader >= entry.leader => {
-                return reject(Rejection::OrderOpen {
-                    instance: instance.id,
-                    order: open,
-                });
-            }
-            Some(mut previous) => {
-                previous.outcome = Some(OrderOutcome::Superseded);
-                txn.put(CF_JOURNAL, &db::index_key(open), &previous)?;
-            }
-            None => {}
-        }
+    if let Some(rejection) = supersede(txn, &instance.id, instance.open_order, entry.leader)? {
+        return reject(rejection);
     }
     entry.host_id = instance.host.clone();
+    if entry.action == OrderAction::Migrate {
+        // The source host executes a migration.
+        let Some(migration) = txn.get::<Move>(CF_MOVES, key.as_bytes())? else {
+            return reject(Rejection::NotRunning {
+                instance: instance.name,
+                state: "not migrating".to_string(),
+            });
+        };
+        entry.host_id = migration.from;
+    }
     instance.open_order = Some(entry.id);
     txn.put(CF_INSTANCES, key.as_bytes(), &instance)?;
     txn.put(CF_JOURNAL, &db::index_key(entry.id), &entry)?;
@@ -579,8 +794,19 @@ fn close_order(txn: &mut Txn, order_id: u64, outcome: &OrderOutcome) -> Result<C
     }
     entry.outcome = Some(outcome.clone());
     txn.put(CF_JOURNAL, &key, &entry)?;
+    match entry.action {
+        OrderAction::CreateVolume | OrderAction::DeleteVolume => {
+            volumes::close_volume_order(txn, &entry, outcome)?;
+            return Ok(CommandResult::Order(entry));
+        }
+        OrderAction::Evict => {
+            moves::close_evict_order(txn, &entry, outcome)?;
+            return Ok(CommandResult::Order(entry));
+        }
+        OrderAction::Start | OrderAction::Destroy | OrderAction::Migrate => {}
+    }
 
-    let Some(mut instance) = txn.get::<Instance>(CF_INSTANCES, entry.instance_id.as_bytes())? else {
+    let Some(mut instance) = txn.get::<Instance>(CF_INSTANCES, entry.subject.as_bytes())? else {
         return Ok(CommandResult::Order(entry));
     };
     if instance.open_order == Some(order_id) {
@@ -594,14 +820,28 @@ fn close_order(txn: &mut Txn, order_id: u64, outcome: &OrderOutcome) -> Result<C
                 remove_instance(txn, &instance)?;
                 return Ok(CommandResult::Order(entry));
             }
+            if entry.action == OrderAction::Migrate {
+                moves::finish_migration(txn, &mut instance)?;
+            }
             instance.observed = match domain_state.as_str() {
                 "running" => ObservedState::Running,
                 "stopped" => ObservedState::Stopped,
                 _ => ObservedState::Missing,
             };
+            if matches!(entry.action, OrderAction::Start | OrderAction::Migrate) {
+                let stored = txn.get::<InstanceDevices>(CF_DEVICES, instance.id.as_bytes())?;
+                if let Some(mut devices) = stored.filter(|d| d.applied_generation < entry.generation) {
+                    devices.applied_generation = entry.generation;
+                    txn.put(CF_DEVICES, instance.id.as_bytes(), &devices)?;
+                }
+            }
         }
         OrderOutcome::Failed { error } if current => {
-            instance.observed = ObservedState::Failed;
+            // A failed migration keeps its move: the source still runs the
+            // domain, and the retried order finishes from where it stopped.
+            if entry.action != OrderAction::Migrate {
+                instance.observed = ObservedState::Failed;
+            }
             instance.last_error = Some(error.clone());
         }
         _ => {}
@@ -610,15 +850,21 @@ fn close_order(txn: &mut Txn, order_id: u64, outcome: &OrderOutcome) -> Result<C
     Ok(CommandResult::Order(entry))
 }
 
-/// Drops a destroyed instance and returns its capacity and name.
-fn remove_instance(txn: &mut Txn, instance: &Instance) -> Result<(), DbError> {
+/// Drops a destroyed instance and returns its capacity, name, volumes and
+/// leased addresses.
+pub(super) fn remove_instance(txn: &mut Txn, instance: &Instance) -> Result<(), DbError> {
     if let Some(mut host) = txn.get::<Host>(CF_HOSTS, instance.host.as_bytes())? {
-        host.used_vcpus = host.used_vcpus.saturating_sub(instance.vcpus);
-        host.used_memory_mib = host.used_memory_mib.saturating_sub(instance.memory_mib);
-        host.used_disk_gib = host.used_disk_gib.saturating_sub(instance.disk_gib);
-        host.instances = host.instances.saturating_sub(1);
+        release(&mut host, instance);
         txn.put(CF_HOSTS, host.id.as_bytes(), &host)?;
     }
+    let devices = devices_of(txn, &instance.id)?;
+    for volume_id in &devices.volumes {
+        volumes::detach_from(txn, volume_id)?;
+    }
+    for nic in &devices.nics {
+        nics::release_lease(txn, nic)?;
+    }
+    txn.delete(CF_DEVICES, instance.id.as_bytes());
     txn.delete(CF_NAMES, instance.name.as_bytes());
     txn.delete(CF_INSTANCES, instance.id.as_bytes());
     // The request id keeps its record so that a late retry of the create
@@ -696,8 +942,17 @@ mod tests {
             self.apply(&[command]).remove(0)
         }
 
+        /// Deletes a network and releases it, as the leader does once no
+        /// host carries it.
         fn delete_network(&mut self, name: &str) -> CommandResult {
-            self.apply(&[Command::DeleteNetwork { name: name.to_string() }]).remove(0)
+            let mut results = self.apply(&[
+                Command::DeleteNetwork { name: name.to_string() },
+                Command::ReleaseNetwork { name: name.to_string() },
+            ]);
+            match results[0] {
+                CommandResult::Network(_) => results.remove(1),
+                _ => results.remove(0),
+            }
         }
 
         /// The free ranges of `pod`, as stored.
@@ -790,6 +1045,7 @@ mod tests {
             network("a"),
             network("b"),
             Command::DeleteNetwork { name: "a".to_string() },
+            Command::ReleaseNetwork { name: "a".to_string() },
             network("c"),
             network("d"),
             network("e"),
@@ -801,9 +1057,9 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(ids, [Some(7), Some(8), Some(7), Some(7), Some(9), None]);
+        assert_eq!(ids, [Some(7), Some(8), Some(7), Some(7), Some(7), Some(9), None]);
         assert!(matches!(
-            results[6],
+            results[7],
             CommandResult::Rejected(Rejection::SegmentationRangeExhausted { .. })
         ));
         assert_eq!(harness.free_ranges("batch"), []);

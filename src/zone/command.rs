@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::model::{
-    Host, Instance, JournalEntry, KeyValue, LeaderStamp, Network, NetworkMode, ObservedState,
-    OrderAction, OrderOutcome, Pod, PodProfile,
+    FenceRecord, Host, Instance, InstanceDevices, JournalEntry, KeyValue, LeaderStamp, Network,
+    NetworkMode, ObservedState, OrderAction, OrderOutcome, Pod, PodProfile, SanPool, Volume,
 };
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -88,9 +88,100 @@ pub enum Command {
         pod: String,
         cidr: String,
     },
-    /// Deletes a network and releases its segmentation id.
+    /// Marks a network deleting; `ReleaseNetwork` removes it once no host
+    /// carries it.
     DeleteNetwork {
         name: String,
+    },
+    /// Creates an instance placed by the leader, with volumes (ids) attached
+    /// and one NIC per network name; apply leases the NICs' addresses.
+    CreateInstanceWithDevices {
+        id: String,
+        name: String,
+        vcpus: u32,
+        memory_mib: u64,
+        disk_gib: u64,
+        pod: String,
+        host: String,
+        request_id: Option<String>,
+        volumes: Vec<String>,
+        networks: Vec<String>,
+    },
+    /// Records the capacity of a SAN pod's shared pool, reported by the
+    /// agent that fronts the array.
+    RegisterSanPool {
+        pod: String,
+        host: String,
+        capacity_gib: u64,
+    },
+    /// Creates a volume in a DAS host's local pool (`host` set, chosen by
+    /// the leader) or in a SAN pod's shared pool (`host` is `None`).
+    CreateVolume {
+        id: String,
+        name: String,
+        pod: String,
+        host: Option<String>,
+        size_gib: u64,
+    },
+    DeleteVolume {
+        id: String,
+    },
+    AttachVolume {
+        volume_id: String,
+        instance_id: String,
+    },
+    DetachVolume {
+        volume_id: String,
+    },
+    /// Adds a NIC on `network` to an instance, with a leased address.
+    AttachNic {
+        instance_id: String,
+        network: String,
+    },
+    /// Removes the instance's NIC on `network` and releases its lease.
+    DetachNic {
+        instance_id: String,
+        network: String,
+    },
+    /// Records a volume order before the leader sends it.
+    OpenVolumeOrder {
+        volume_id: String,
+        action: OrderAction,
+        leader: LeaderStamp,
+    },
+    /// Records an order to destroy a stale copy of an instance on `host`.
+    OpenEvictOrder {
+        instance_id: String,
+        host: String,
+        leader: LeaderStamp,
+    },
+    /// Removes a deleting network that no host carries any more and
+    /// releases its segmentation id.
+    ReleaseNetwork {
+        name: String,
+    },
+    /// Starts migrating a running SAN instance to host `to`.
+    MigrateInstance {
+        instance_id: String,
+        to: String,
+    },
+    /// Stops or resumes placements on a host.
+    SetHostDraining {
+        host_id: String,
+        draining: bool,
+    },
+    /// Records that the fencing driver powered a suspect host off. Its DAS
+    /// instances become lost; its SAN instances may now restart elsewhere.
+    FenceHost {
+        host_id: String,
+        leader: LeaderStamp,
+        method: String,
+    },
+    /// Moves an instance of a fenced host to host `to`, where the
+    /// reconciler starts it; the fenced host keeps a stale copy to evict.
+    EvacuateInstance {
+        instance_id: String,
+        to: String,
     },
 }
 
@@ -111,6 +202,21 @@ impl Command {
             Command::CreatePodWithProfile { .. } => "create_pod_with_profile",
             Command::CreateNetwork { .. } => "create_network",
             Command::DeleteNetwork { .. } => "delete_network",
+            Command::CreateInstanceWithDevices { .. } => "create_instance_with_devices",
+            Command::RegisterSanPool { .. } => "register_san_pool",
+            Command::CreateVolume { .. } => "create_volume",
+            Command::DeleteVolume { .. } => "delete_volume",
+            Command::AttachVolume { .. } => "attach_volume",
+            Command::DetachVolume { .. } => "detach_volume",
+            Command::AttachNic { .. } => "attach_nic",
+            Command::DetachNic { .. } => "detach_nic",
+            Command::OpenVolumeOrder { .. } => "open_volume_order",
+            Command::OpenEvictOrder { .. } => "open_evict_order",
+            Command::ReleaseNetwork { .. } => "release_network",
+            Command::MigrateInstance { .. } => "migrate_instance",
+            Command::SetHostDraining { .. } => "set_host_draining",
+            Command::FenceHost { .. } => "fence_host",
+            Command::EvacuateInstance { .. } => "evacuate_instance",
         }
     }
 }
@@ -176,6 +282,101 @@ pub enum Rejection {
         first: u32,
         last: u32,
     },
+    #[error("volume {0:?} not found")]
+    UnknownVolume(String),
+    #[error("volume name {0:?} is already taken")]
+    VolumeNameTaken(String),
+    #[error("volume id {0:?} is already taken")]
+    VolumeIdTaken(String),
+    #[error(
+        "volume {volume:?} lives in the local pool of host {volume_host:?} (DAS pod {pod:?}), \
+         but instance {instance:?} runs on host {instance_host:?}; a DAS volume attaches only \
+         to instances on its own host"
+    )]
+    VolumeHostMismatch {
+        volume: String,
+        volume_host: String,
+        pod: String,
+        instance: String,
+        instance_host: String,
+    },
+    #[error("volume {volume:?} is in pod {volume_pod:?}, but instance {instance:?} is in pod {instance_pod:?}")]
+    VolumePodMismatch {
+        volume: String,
+        volume_pod: String,
+        instance: String,
+        instance_pod: String,
+    },
+    #[error("volume {volume:?} is attached to instance {instance:?}; detach it first")]
+    VolumeAttached { volume: String, instance: String },
+    #[error("volume {volume:?} is not attached to any instance")]
+    VolumeNotAttached { volume: String },
+    #[error("volume {volume:?} is {state}, not available; wait for its create to finish")]
+    VolumeNotAvailable { volume: String, state: String },
+    #[error("{pool} has no room for {size_gib} GiB: {free_gib} GiB of {capacity_gib} GiB free")]
+    PoolFull {
+        pool: String,
+        size_gib: u64,
+        free_gib: u64,
+        capacity_gib: u64,
+    },
+    #[error(
+        "SAN pod {0:?} has no shared pool yet: its SAN agent has not registered with \
+         san_pool_gib set in its config"
+    )]
+    NoSanPool(String),
+    #[error("host {host:?} is not the SAN agent of pod {pod:?}; the pod names {expected}")]
+    NotSanAgent {
+        host: String,
+        pod: String,
+        expected: String,
+    },
+    #[error("instance {instance:?} already has a NIC on network {network:?}")]
+    NicExists { instance: String, network: String },
+    #[error("instance {instance:?} has no NIC on network {network:?}")]
+    NoSuchNic { instance: String, network: String },
+    #[error("network {network:?} is {state}; it takes no new NICs")]
+    NetworkNotActive { network: String, state: String },
+    #[error("network {network:?} is in pod {network_pod:?}, but instance {instance:?} is in pod {instance_pod:?}")]
+    NetworkPodMismatch {
+        network: String,
+        network_pod: String,
+        instance: String,
+        instance_pod: String,
+    },
+    #[error("network {network:?} has no free address left in {cidr}; detach NICs or use a larger subnet")]
+    SubnetExhausted { network: String, cidr: String },
+    #[error("network {network:?} still has NICs of instances {instances:?}; detach them first")]
+    NetworkInUse {
+        network: String,
+        instances: Vec<String>,
+    },
+    #[error("network {0:?} is not deleting")]
+    NetworkNotDeleting(String),
+    #[error(
+        "instance {instance:?} is in DAS pod {pod:?}: its disks live on host {host:?}, so it \
+         cannot move; only SAN pods migrate"
+    )]
+    NotMigratable {
+        instance: String,
+        pod: String,
+        host: String,
+    },
+    #[error("instance {instance:?} is already migrating to host {to:?}")]
+    AlreadyMoving { instance: String, to: String },
+    #[error("instance {instance:?} is {state}, not running; only running instances migrate")]
+    NotRunning { instance: String, state: String },
+    #[error("instance {instance:?} already runs on host {host:?}")]
+    SameHost { instance: String, host: String },
+    #[error(
+        "host {host:?} still holds a stale copy of instance {instance:?} that its agent has not \
+         destroyed yet; choose another host"
+    )]
+    StaleCopyPending { instance: String, host: String },
+    #[error("host {host:?} is {health}; only a suspect host is fenced")]
+    HostNotSuspect { host: String, health: String },
+    #[error("host {host:?} is {health}, not fenced; its instances stay until it is")]
+    HostNotFenced { host: String, health: String },
 }
 
 /// The value apply returns for one command.
@@ -194,6 +395,11 @@ pub enum CommandResult {
     /// A pod created by `CreatePodWithProfile`.
     ProfiledPod(Pod, PodProfile),
     Network(Network),
+    Volume(Volume),
+    /// An instance with its devices after a create or device change.
+    Devices(Instance, InstanceDevices),
+    SanPool(SanPool),
+    Fence(FenceRecord),
 }
 
 /// Formats an optional zone key value for messages: quoted, or "no value".

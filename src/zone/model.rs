@@ -210,6 +210,12 @@ pub enum HostHealth {
     Up,
     /// Heartbeats stopped; the host may still run its domains.
     Suspect,
+    /// Powered off by the fencing driver, and the fence is committed: its
+    /// domains no longer run, so its SAN instances may run elsewhere.
+    Fenced,
+    /// Up, but the scheduler places nothing new on it: its instances are
+    /// migrating away.
+    Draining,
 }
 
 impl HostHealth {
@@ -217,7 +223,14 @@ impl HostHealth {
         match self {
             HostHealth::Up => "up",
             HostHealth::Suspect => "suspect",
+            HostHealth::Fenced => "fenced",
+            HostHealth::Draining => "draining",
         }
+    }
+
+    /// Whether the host's agent takes orders: it is up, or up and draining.
+    pub fn takes_orders(self) -> bool {
+        matches!(self, HostHealth::Up | HostHealth::Draining)
     }
 }
 
@@ -291,6 +304,9 @@ pub enum ObservedState {
     Missing,
     /// The last order failed; the reconciler retries it.
     Failed,
+    /// Its host was fenced. A DAS instance stays lost with its host (its
+    /// disks are there); a SAN instance is restarted on another host.
+    Lost,
 }
 
 impl ObservedState {
@@ -301,6 +317,7 @@ impl ObservedState {
             ObservedState::Stopped => "stopped",
             ObservedState::Missing => "missing",
             ObservedState::Failed => "failed",
+            ObservedState::Lost => "lost",
         }
     }
 }
@@ -343,6 +360,16 @@ pub enum OrderAction {
     Start,
     /// Destroy and undefine the domain.
     Destroy,
+    /// Create a volume in its pool.
+    CreateVolume,
+    /// Delete a volume from its pool.
+    DeleteVolume,
+    /// Move the instance's running domain from its host to the destination
+    /// its `Move` names; sent to the source host.
+    Migrate,
+    /// Destroy a copy of an instance left on a host the instance moved away
+    /// from while that host was fenced.
+    Evict,
 }
 
 impl OrderAction {
@@ -350,7 +377,16 @@ impl OrderAction {
         match self {
             OrderAction::Start => "start",
             OrderAction::Destroy => "destroy",
+            OrderAction::CreateVolume => "create_volume",
+            OrderAction::DeleteVolume => "delete_volume",
+            OrderAction::Migrate => "migrate",
+            OrderAction::Evict => "evict",
         }
+    }
+
+    /// Whether the order's subject is a volume rather than an instance.
+    pub fn is_volume_action(self) -> bool {
+        matches!(self, OrderAction::CreateVolume | OrderAction::DeleteVolume)
     }
 }
 
@@ -372,7 +408,9 @@ pub enum OrderOutcome {
 pub struct JournalEntry {
     /// Log index of the command that opened the order.
     pub id: u64,
-    pub instance_id: String,
+    /// The instance id, or the volume id for volume actions.
+    pub subject: String,
+    /// The host whose agent executes the order.
     pub host_id: String,
     pub action: OrderAction,
     /// The instance generation the order serves.
@@ -388,4 +426,127 @@ pub struct KeyValue {
     pub key: String,
     pub value: String,
     pub modified_index: u64,
+}
+
+/// Where a volume lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumePool {
+    /// The local pool of one host of a DAS pod.
+    Local,
+    /// The shared pool of a SAN pod, on the array its SAN agent fronts.
+    San,
+}
+
+impl VolumePool {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumePool::Local => "local",
+            VolumePool::San => "san",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeState {
+    /// Recorded; the create order has not completed yet.
+    Creating,
+    Available,
+    /// Deleted by a client; the record goes once the pool no longer has it.
+    Deleting,
+}
+
+impl VolumeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeState::Creating => "creating",
+            VolumeState::Available => "available",
+            VolumeState::Deleting => "deleting",
+        }
+    }
+}
+
+/// A block volume. Its name in the libvirt storage pool is its id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Volume {
+    /// UUID chosen by the leader.
+    pub id: String,
+    pub name: String,
+    pub pod: String,
+    pub pool: VolumePool,
+    /// The host whose pool holds the volume: the DAS host, or the SAN agent.
+    pub host: String,
+    pub size_gib: u64,
+    /// The instance the volume is attached to.
+    pub attached_to: Option<String>,
+    pub state: VolumeState,
+    /// Log index of the command that created the volume.
+    pub created_index: u64,
+    /// Journal id of the order in flight for this volume, if any.
+    pub open_order: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// A SAN pod's shared pool: its capacity, reported by the agent that fronts
+/// the array, and the space its volumes hold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SanPool {
+    pub pod: String,
+    pub host: String,
+    pub capacity_gib: u64,
+    pub used_gib: u64,
+}
+
+/// A network interface of an instance, with its leased address.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Nic {
+    pub network: String,
+    pub mac: String,
+    pub ip: String,
+}
+
+/// An instance's devices: attached volumes and NICs. Stored beside the
+/// instance under its id; an instance without a record has none.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct InstanceDevices {
+    /// Volume ids, in attach order.
+    pub volumes: Vec<String>,
+    pub nics: Vec<Nic>,
+    /// The instance generation whose devices a host last confirmed; device
+    /// changes bump the generation, so a smaller value means the host's
+    /// definition is behind.
+    pub applied_generation: u64,
+}
+
+/// A migration in progress: capacity is held on both hosts until the
+/// source reports the domain running on the destination.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Move {
+    pub instance_id: String,
+    pub from: String,
+    pub to: String,
+    /// Log index of the command that started the migration.
+    pub created_index: u64,
+}
+
+/// A copy of an instance that may still exist on a host the instance left
+/// while that host was fenced. When the host takes orders again, its agent
+/// destroys the copy, and nothing else.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StaleCopy {
+    pub instance_id: String,
+    pub host: String,
+    /// Log index of the command that moved the instance away.
+    pub moved_index: u64,
+    /// Journal id of the evict order in flight, if any.
+    pub open_order: Option<u64>,
+}
+
+/// A host's fence, as committed: who fenced it, how, and at which index.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FenceRecord {
+    pub host: String,
+    pub leader: LeaderStamp,
+    /// The fencing driver's description of what it did.
+    pub method: String,
+    pub index: u64,
 }

@@ -296,6 +296,7 @@ impl Cluster {
             raft: self.options.raft.clone(),
             host_timeout: self.options.host_timeout,
             log_json: false,
+            fencing: Default::default(),
             unsafe_canary: Default::default(),
         };
         let config_path = self.dir.path().join(format!("controller-{id}.toml"));
@@ -328,6 +329,7 @@ impl Cluster {
             heartbeat_interval: Duration::from_millis(500),
             log_json: false,
             ledger: None,
+            san_pool_gib: 0,
             unsafe_canary: Default::default(),
         };
         let config_path = self.dir.path().join(format!("agent-{host}.toml"));
@@ -633,6 +635,7 @@ pub fn small_instance(name: &str, request_id: &str) -> CreateInstanceRequest {
         disk_gib: 1,
         pod: String::new(),
         request_id: request_id.to_string(),
+        ..Default::default()
     }
 }
 
