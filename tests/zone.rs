@@ -1341,9 +1341,15 @@ async fn vlan_range_exhaustion_is_reported() {
         .await
         .unwrap_or_else(|s| panic!("deleting {} failed: {s:?}", holder.name));
     assert_eq!(deleted.segmentation_id, 2000);
-    let reused = create_network(&connector, "full-reuse", "full", "10.0.0.0/24")
-        .await
-        .unwrap_or_else(|s| panic!("creating a network after a delete failed: {s:?}"));
+    assert_eq!(deleted.state, "deleting");
+    // The id is released once every host of the pod has reported since the
+    // delete without the network, which takes a heartbeat or two.
+    let reused = wait_for("the deleted network's id to be released", Duration::from_secs(20), async || {
+        create_network(&connector, "full-reuse", "full", "10.0.0.0/24")
+            .await
+            .map_err(|s| format!("creating a network after a delete failed: {s:?}"))
+    })
+    .await;
     assert_eq!(
         reused.segmentation_id, 2000,
         "the freed id was not the one reused"

@@ -888,7 +888,8 @@ fn observe_instance(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::zone::model::{NetworkMode, Placement, StorageModel};
+    use crate::store::db::CF_STALE_COPIES;
+    use crate::zone::model::{NetworkMode, Placement, StaleCopy, StorageModel};
 
     fn pod(name: &str) -> Pod {
         Pod {
@@ -1132,5 +1133,224 @@ mod tests {
         assert_eq!(bytes.len(), 1 + 3 + 8 + 8 + 1);
         let decoded: Pod = db::decode(CF_PODS, &bytes).expect("decode");
         assert_eq!(decoded, pod("old"));
+    }
+
+    fn one(harness: &mut Harness, command: Command) -> CommandResult {
+        harness.apply(&[command]).remove(0)
+    }
+
+    fn register(harness: &mut Harness, id: &str, pod: &str) {
+        let result = one(
+            harness,
+            Command::RegisterHost {
+                id: id.to_string(),
+                pod: pod.to_string(),
+                libvirt_uri: "test:///default".to_string(),
+                agent_endpoint: "127.0.0.1:1".to_string(),
+                cpus: 8,
+                memory_mib: 16384,
+                disk_gib: 100,
+                boot_id: 1,
+            },
+        );
+        assert!(matches!(result, CommandResult::Host(_)), "{result:?}");
+    }
+
+    fn instance_on(harness: &mut Harness, name: &str, pod: &str, host: &str, volumes: &[&str], networks: &[&str]) -> CommandResult {
+        one(
+            harness,
+            Command::CreateInstanceWithDevices {
+                id: format!("id-{name}"),
+                name: name.to_string(),
+                vcpus: 1,
+                memory_mib: 512,
+                disk_gib: 1,
+                pod: pod.to_string(),
+                host: host.to_string(),
+                request_id: None,
+                volumes: volumes.iter().map(|v| v.to_string()).collect(),
+                networks: networks.iter().map(|n| n.to_string()).collect(),
+            },
+        )
+    }
+
+    fn volume(harness: &mut Harness, id: &str, pod: &str, host: Option<&str>, size_gib: u64) -> CommandResult {
+        one(
+            harness,
+            Command::CreateVolume {
+                id: id.to_string(),
+                name: id.to_string(),
+                pod: pod.to_string(),
+                host: host.map(str::to_string),
+                size_gib,
+            },
+        )
+    }
+
+    /// Completes a volume's create order, as the reconciler does.
+    fn make_available(harness: &mut Harness, id: &str) {
+        let leader = LeaderStamp { term: 1, node_id: 1 };
+        let opened = one(
+            harness,
+            Command::OpenVolumeOrder { volume_id: id.to_string(), action: OrderAction::CreateVolume, leader },
+        );
+        let CommandResult::Order(entry) = opened else {
+            panic!("expected an order, got {opened:?}");
+        };
+        let done = OrderOutcome::Done { domain_state: String::new() };
+        one(harness, Command::CloseOrder { order_id: entry.id, outcome: done });
+    }
+
+    fn das_and_san(harness: &mut Harness) {
+        create_pod(harness, "das", vlan_profile(1, 4094));
+        let san = PodProfile {
+            storage: StorageModel::San,
+            san_agent: Some("s1".to_string()),
+            ..vlan_profile(1, 4094)
+        };
+        create_pod(harness, "san", san);
+        register(harness, "d1", "das");
+        register(harness, "d2", "das");
+        register(harness, "s1", "san");
+        register(harness, "s2", "san");
+    }
+
+    #[test]
+    fn das_volumes_stay_on_their_host_and_san_volumes_move() {
+        let mut harness = Harness::new();
+        das_and_san(&mut harness);
+        assert!(matches!(volume(&mut harness, "v-das", "das", Some("d1"), 10), CommandResult::Volume(_)));
+        // A SAN pool exists only once its agent reports it.
+        assert_eq!(
+            volume(&mut harness, "v-san", "san", None, 10),
+            CommandResult::Rejected(Rejection::NoSanPool("san".to_string()))
+        );
+        let wrong_agent = one(&mut harness, Command::RegisterSanPool { pod: "san".into(), host: "s2".into(), capacity_gib: 50 });
+        assert!(matches!(wrong_agent, CommandResult::Rejected(Rejection::NotSanAgent { .. })), "{wrong_agent:?}");
+        one(&mut harness, Command::RegisterSanPool { pod: "san".into(), host: "s1".into(), capacity_gib: 50 });
+        assert!(matches!(volume(&mut harness, "v-san", "san", None, 40), CommandResult::Volume(_)));
+        let full = volume(&mut harness, "v-san-2", "san", None, 11);
+        assert!(matches!(full, CommandResult::Rejected(Rejection::PoolFull { free_gib: 10, .. })), "{full:?}");
+
+        // A volume still being created cannot attach.
+        let early = instance_on(&mut harness, "early", "das", "d1", &["v-das"], &[]);
+        assert!(matches!(early, CommandResult::Rejected(Rejection::VolumeNotAvailable { .. })), "{early:?}");
+        make_available(&mut harness, "v-das");
+        make_available(&mut harness, "v-san");
+
+        // DAS: only an instance on the volume's host takes it.
+        instance_on(&mut harness, "on-d2", "das", "d2", &[], &[]);
+        let across = one(&mut harness, Command::AttachVolume { volume_id: "v-das".into(), instance_id: "id-on-d2".into() });
+        assert!(matches!(across, CommandResult::Rejected(Rejection::VolumeHostMismatch { .. })), "{across:?}");
+        let here = instance_on(&mut harness, "on-d1", "das", "d1", &["v-das"], &[]);
+        assert!(matches!(here, CommandResult::Devices(..)), "{here:?}");
+        let deleted = one(&mut harness, Command::DeleteVolume { id: "v-das".into() });
+        assert!(matches!(deleted, CommandResult::Rejected(Rejection::VolumeAttached { .. })), "{deleted:?}");
+
+        // SAN: the volume follows whichever host's instance attaches it.
+        instance_on(&mut harness, "on-s1", "san", "s1", &[], &[]);
+        instance_on(&mut harness, "on-s2", "san", "s2", &[], &[]);
+        let first = one(&mut harness, Command::AttachVolume { volume_id: "v-san".into(), instance_id: "id-on-s1".into() });
+        assert!(matches!(first, CommandResult::Devices(..)), "{first:?}");
+        let twice = one(&mut harness, Command::AttachVolume { volume_id: "v-san".into(), instance_id: "id-on-s2".into() });
+        assert!(matches!(twice, CommandResult::Rejected(Rejection::VolumeAttached { .. })), "{twice:?}");
+        one(&mut harness, Command::DetachVolume { volume_id: "v-san".into() });
+        let moved = one(&mut harness, Command::AttachVolume { volume_id: "v-san".into(), instance_id: "id-on-s2".into() });
+        let CommandResult::Devices(instance, devices) = moved else {
+            panic!("expected the attach to apply, got {moved:?}");
+        };
+        assert_eq!(devices.volumes, ["v-san"]);
+        assert_eq!(instance.generation, 2, "an attach bumps the generation so the host redefines the domain");
+    }
+
+    #[test]
+    fn rejected_command_writes_nothing() {
+        let mut harness = Harness::new();
+        das_and_san(&mut harness);
+        create_network_in(&mut harness, "net", "das", "10.9.0.0/24");
+        // The instance itself fits, but its volume does not exist: the
+        // whole create, capacity and lease included, must leave no trace.
+        let result = instance_on(&mut harness, "ghost", "das", "d1", &["no-such-volume"], &["net"]);
+        assert_eq!(result, CommandResult::Rejected(Rejection::UnknownVolume("no-such-volume".into())));
+        let host: Host = db::get(&harness.db, CF_HOSTS, b"d1").unwrap().unwrap();
+        assert_eq!((host.used_vcpus, host.instances), (0, 0));
+        assert!(db::get::<Instance>(&harness.db, CF_INSTANCES, b"id-ghost").unwrap().is_none());
+        let again = instance_on(&mut harness, "ghost", "das", "d1", &[], &["net"]);
+        let CommandResult::Devices(_, devices) = again else {
+            panic!("expected the create to apply, got {again:?}");
+        };
+        assert_eq!(devices.nics[0].ip, "10.9.0.2", "the rejected create leased no address");
+    }
+
+    fn create_network_in(harness: &mut Harness, name: &str, pod: &str, cidr: &str) {
+        let result = one(harness, Command::CreateNetwork { name: name.into(), pod: pod.into(), cidr: cidr.into() });
+        assert!(matches!(result, CommandResult::Network(_)), "{result:?}");
+    }
+
+    #[test]
+    fn leases_take_the_lowest_free_address_until_the_subnet_is_full() {
+        let mut harness = Harness::new();
+        das_and_san(&mut harness);
+        // A /29 has 6 host addresses; the first is the gateway's.
+        create_network_in(&mut harness, "tiny", "das", "10.7.0.0/29");
+        let mut ips = Vec::new();
+        for n in 0..5 {
+            match instance_on(&mut harness, &format!("i{n}"), "das", "d1", &[], &["tiny"]) {
+                CommandResult::Devices(_, devices) => ips.push(devices.nics[0].ip.clone()),
+                other => panic!("expected a lease, got {other:?}"),
+            }
+        }
+        assert_eq!(ips, ["10.7.0.2", "10.7.0.3", "10.7.0.4", "10.7.0.5", "10.7.0.6"]);
+        let full = instance_on(&mut harness, "i5", "das", "d1", &[], &["tiny"]);
+        assert!(matches!(full, CommandResult::Rejected(Rejection::SubnetExhausted { .. })), "{full:?}");
+        let in_use = one(&mut harness, Command::DeleteNetwork { name: "tiny".into() });
+        assert!(matches!(in_use, CommandResult::Rejected(Rejection::NetworkInUse { .. })), "{in_use:?}");
+        let detached = one(&mut harness, Command::DetachNic { instance_id: "id-i1".into(), network: "tiny".into() });
+        assert!(matches!(detached, CommandResult::Devices(..)), "{detached:?}");
+        let CommandResult::Devices(_, devices) = one(&mut harness, Command::AttachNic { instance_id: "id-i1".into(), network: "tiny".into() }) else {
+            panic!("expected the NIC to attach");
+        };
+        assert_eq!(devices.nics[0].ip, "10.7.0.3", "the freed address is the lowest free one");
+        assert_eq!(devices.nics[0].mac, "52:54:0a:07:00:03");
+    }
+
+    #[test]
+    fn only_a_committed_fence_lets_san_instances_restart_elsewhere() {
+        let mut harness = Harness::new();
+        das_and_san(&mut harness);
+        instance_on(&mut harness, "san-vm", "san", "s1", &[], &[]);
+        instance_on(&mut harness, "das-vm", "das", "d1", &[], &[]);
+        let evacuate = Command::EvacuateInstance { instance_id: "id-san-vm".into(), to: "s2".into() };
+        let early = one(&mut harness, evacuate.clone());
+        assert!(matches!(early, CommandResult::Rejected(Rejection::HostNotFenced { .. })), "{early:?}");
+
+        let leader = LeaderStamp { term: 3, node_id: 2 };
+        let fence = |host: &str| Command::FenceHost { host_id: host.into(), leader, method: "test".into() };
+        let up_host = one(&mut harness, fence("s1"));
+        assert!(matches!(up_host, CommandResult::Rejected(Rejection::HostNotSuspect { .. })), "{up_host:?}");
+        for host in ["s1", "d1"] {
+            one(&mut harness, Command::SetHostHealth { host_id: host.into(), up: false });
+            assert!(matches!(one(&mut harness, fence(host)), CommandResult::Fence(_)));
+        }
+        let das: Instance = db::get(&harness.db, CF_INSTANCES, b"id-das-vm").unwrap().unwrap();
+        assert_eq!((das.observed, das.host.as_str()), (ObservedState::Lost, "d1"));
+        let das_move = one(&mut harness, Command::EvacuateInstance { instance_id: "id-das-vm".into(), to: "d2".into() });
+        assert!(matches!(das_move, CommandResult::Rejected(Rejection::NotMigratable { .. })), "{das_move:?}");
+
+        let moved = one(&mut harness, evacuate);
+        let CommandResult::Devices(instance, _) = moved else {
+            panic!("expected the evacuation to apply, got {moved:?}");
+        };
+        assert_eq!((instance.host.as_str(), instance.observed), ("s2", ObservedState::Pending));
+        // The fenced host keeps a stale copy to destroy when it returns, and
+        // the instance cannot move back there until that copy is gone.
+        let copy: Option<StaleCopy> = db::get(&harness.db, CF_STALE_COPIES, &moves::stale_key("s1", "id-san-vm")).unwrap();
+        assert!(copy.is_some());
+        one(&mut harness, Command::SetHostHealth { host_id: "s1".into(), up: true });
+        one(&mut harness, Command::ObserveInstance { instance_id: "id-san-vm".into(), observed: ObservedState::Running });
+        let back = one(&mut harness, Command::MigrateInstance { instance_id: "id-san-vm".into(), to: "s1".into() });
+        assert!(matches!(back, CommandResult::Rejected(Rejection::StaleCopyPending { .. })), "{back:?}");
+        let s1: Host = db::get(&harness.db, CF_HOSTS, b"s1").unwrap().unwrap();
+        assert_eq!(s1.instances, 0, "the evacuated instance's capacity left the fenced host");
     }
 }
