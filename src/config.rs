@@ -194,13 +194,62 @@ pub struct AgentConfig {
     /// File the agent appends one JSON line to per executed order. Default: none.
     #[serde(default)]
     pub ledger: Option<PathBuf>,
-    /// Capacity in GiB of the SAN pod's shared array when this agent fronts
-    /// it (the pod's `san_agent`); 0, the default, on every other host.
+    /// Name of the host's local libvirt storage pool, a `dir` pool the agent
+    /// defines when it is missing. Default "ccs-local".
+    #[serde(default = "default_local_pool")]
+    pub local_pool: String,
+    /// Directory of the local storage pool. Default: `<data_dir>/volumes`.
+    #[serde(default)]
+    pub local_pool_dir: Option<PathBuf>,
+    /// Name of the libvirt storage pool of the pod's shared array (SAN pods).
+    /// The operator defines it on every host of the pod, as type iscsi,
+    /// logical, rbd or netfs. The agent defines a `dir` pool of this name
+    /// itself only under libvirt's test driver. Default "ccs-san".
+    #[serde(default = "default_san_pool")]
+    pub san_pool: String,
+    /// Capacity of the pod's shared array in GiB when this agent fronts it,
+    /// which makes the agent own the SAN pool's volumes; 0 (the default)
+    /// when it does not.
     #[serde(default)]
     pub san_pool_gib: u64,
+    /// The host's uplink bridge, which carries VLAN-tagged tenant networks.
+    /// libvirt tags VLANs on a network only with an Open vSwitch bridge, so
+    /// on a real host this is one. Default "br-ccs".
+    #[serde(default = "default_network_bridge")]
+    pub network_bridge: String,
     /// Switches that break safety on purpose, for verification runs only.
     #[serde(default)]
     pub unsafe_canary: AgentCanary,
+}
+
+/// Values for building an `AgentConfig` in code: the identity fields are
+/// empty and the addresses are loopback port 0, so a config built from this
+/// fails `validate` until the zone, host, pod and controllers are set.
+impl Default for AgentConfig {
+    fn default() -> Self {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        AgentConfig {
+            zone: String::new(),
+            host_id: String::new(),
+            pod: String::new(),
+            listen: loopback,
+            advertise: None,
+            metrics_listen: loopback,
+            libvirt_uri: String::new(),
+            disk_gib: 0,
+            data_dir: PathBuf::new(),
+            controllers: Vec::new(),
+            heartbeat_interval: default_heartbeat(),
+            log_json: false,
+            ledger: None,
+            local_pool: default_local_pool(),
+            local_pool_dir: None,
+            san_pool: default_san_pool(),
+            san_pool_gib: 0,
+            network_bridge: default_network_bridge(),
+            unsafe_canary: AgentCanary::default(),
+        }
+    }
 }
 
 /// Safety breaks of an agent, all off by default.
@@ -214,6 +263,21 @@ pub struct AgentCanary {
 fn default_heartbeat() -> Duration {
     Duration::from_secs(1)
 }
+
+fn default_local_pool() -> String {
+    "ccs-local".to_string()
+}
+
+fn default_san_pool() -> String {
+    "ccs-san".to_string()
+}
+
+fn default_network_bridge() -> String {
+    "br-ccs".to_string()
+}
+
+/// Longest Linux network interface name (IFNAMSIZ is 16 with the NUL).
+const MAX_INTERFACE_NAME: usize = 15;
 
 /// Reads and parses a TOML config file.
 pub fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
@@ -333,10 +397,101 @@ impl AgentConfig {
             &self.libvirt_uri,
             "must not be empty",
         )?;
+        check.require(!self.local_pool.is_empty(), "local_pool", &self.local_pool, "must not be empty")?;
+        check.require(!self.san_pool.is_empty(), "san_pool", &self.san_pool, "must not be empty")?;
+        check.require(
+            self.san_pool != self.local_pool,
+            "san_pool",
+            &self.san_pool,
+            "must differ from local_pool",
+        )?;
+        let bridge = &self.network_bridge;
+        check.require(
+            !bridge.is_empty() && bridge.len() <= MAX_INTERFACE_NAME,
+            "network_bridge",
+            bridge,
+            "must be a Linux interface name of 1 to 15 bytes",
+        )?;
         Ok(())
     }
 
     pub fn advertise_addr(&self) -> String {
         self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// Returns the local storage pool's directory: `local_pool_dir`, or `<data_dir>/volumes`.
+    pub fn local_pool_path(&self) -> PathBuf {
+        self.local_pool_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("volumes"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL_AGENT: &str = r#"
+        zone = "z1"
+        host_id = "host-1"
+        pod = "pod-a"
+        listen = "127.0.0.1:7100"
+        metrics_listen = "127.0.0.1:7101"
+        libvirt_uri = "test:///default"
+        disk_gib = 100
+        data_dir = "/var/lib/ccs-agent"
+        controllers = ["127.0.0.1:7000"]
+    "#;
+
+    fn parse_agent(text: &str) -> AgentConfig {
+        toml::from_str(text).expect("agent config parses")
+    }
+
+    #[test]
+    fn agent_storage_and_network_defaults() {
+        let config = parse_agent(MINIMAL_AGENT);
+        assert_eq!(config.local_pool, "ccs-local");
+        assert_eq!(config.san_pool, "ccs-san");
+        assert_eq!(config.san_pool_gib, 0);
+        assert_eq!(config.network_bridge, "br-ccs");
+        assert_eq!(config.local_pool_path(), PathBuf::from("/var/lib/ccs-agent/volumes"));
+        assert!(config.validate(Path::new("agent.toml")).is_ok());
+    }
+
+    #[test]
+    fn agent_storage_settings_read() {
+        let text = format!(
+            "{MINIMAL_AGENT}\nlocal_pool_dir = \"/srv/volumes\"\nsan_pool = \"array\"\n\
+             san_pool_gib = 4096\nnetwork_bridge = \"ovsbr0\"\n"
+        );
+        let config = parse_agent(&text);
+        assert_eq!(config.local_pool_path(), PathBuf::from("/srv/volumes"));
+        assert_eq!(config.san_pool, "array");
+        assert_eq!(config.san_pool_gib, 4096);
+        assert_eq!(config.network_bridge, "ovsbr0");
+    }
+
+    #[test]
+    fn agent_long_bridge_name_rejected() {
+        let mut config = parse_agent(MINIMAL_AGENT);
+        config.network_bridge = "b".repeat(16);
+        let error = config.validate(Path::new("agent.toml")).expect_err("16 bytes is too long");
+        assert!(error.to_string().contains("network_bridge"), "{error}");
+    }
+
+    #[test]
+    fn agent_same_pool_names_rejected() {
+        let mut config = parse_agent(MINIMAL_AGENT);
+        config.san_pool = config.local_pool.clone();
+        let error = config.validate(Path::new("agent.toml")).expect_err("pools must differ");
+        assert!(error.to_string().contains("san_pool"), "{error}");
+    }
+
+    #[test]
+    fn agent_default_fails_validation() {
+        let error = AgentConfig::default()
+            .validate(Path::new("agent.toml"))
+            .expect_err("the default has no zone");
+        assert!(error.to_string().contains("zone"), "{error}");
     }
 }

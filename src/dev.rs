@@ -519,6 +519,7 @@ fn agent_config(
         ledger: None,
         san_pool_gib: 0,
         unsafe_canary: Default::default(),
+        ..Default::default()
     })
 }
 

@@ -479,6 +479,7 @@ impl Cluster {
             ledger: Some(self.ledger_file(name)),
             san_pool_gib: 0,
             unsafe_canary: self.spec.agent_canary.clone(),
+            ..Default::default()
         };
         write_toml(&node.config_path, &config)
     }

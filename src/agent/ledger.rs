@@ -1,7 +1,8 @@
 //! The agent's side-effect ledger: one JSON line per order the agent
-//! executed, in execution order. Verification tools read it to check that
-//! no instance ran on two hosts at once and that no order from an older
-//! leader ran after a newer leader's order.
+//! executed (one per step of an emulated migration), in execution order.
+//! Verification tools read it to check that no instance ran on two hosts at
+//! once and that no order from an older leader ran after a newer leader's
+//! order.
 //!
 //! Each line is written with one `write` call and flushed, so it survives a
 //! kill of the agent process but not a power loss of the host.
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::zone::model::LeaderStamp;
 
-/// One executed order.
+/// One executed order, or one step of it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerEntry {
     /// Wall-clock time the order finished, in nanoseconds since the Unix epoch.
@@ -26,10 +27,15 @@ pub struct LedgerEntry {
     pub leader: LeaderStamp,
     /// The newest leader the agent had accepted before this order, if any.
     pub accepted_before: Option<LeaderStamp>,
+    /// The instance id, or the volume id of a volume order.
     pub instance_id: String,
-    /// "start", "stop" or "destroy".
+    /// "start", "define", "stop", "destroy", "migrate", "create_volume" or
+    /// "delete_volume". An emulated migration writes one "migrate" entry
+    /// per step on the source host (stopped, then undefined), so the
+    /// entries' times show the domain never ran on two hosts at once.
     pub action: String,
-    /// Domain state before and after: "running", "stopped" or "absent".
+    /// State before and after: "running", "stopped" or "absent" for a
+    /// domain, "present" or "absent" for a volume.
     pub before: String,
     pub after: String,
 }

@@ -331,6 +331,7 @@ impl Cluster {
             ledger: None,
             san_pool_gib: 0,
             unsafe_canary: Default::default(),
+            ..Default::default()
         };
         let config_path = self.dir.path().join(format!("agent-{host}.toml"));
         write_toml(&config_path, &config);
