@@ -431,6 +431,21 @@ impl AgentConfig {
 mod tests {
     use super::*;
 
+    /// The example configs in deploy/ parse and validate, so they do not rot.
+    #[test]
+    fn deploy_examples_are_valid() {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+        for n in 1..=3 {
+            let path = deploy.join(format!("controller-{n}.toml"));
+            let config: ControllerConfig = load(&path).unwrap();
+            config.validate(&path).unwrap();
+            assert_eq!(config.fencing.driver, "command");
+        }
+        let path = deploy.join("agent.toml");
+        let config: AgentConfig = load(&path).unwrap();
+        config.validate(&path).unwrap();
+    }
+
     const MINIMAL_AGENT: &str = r#"
         zone = "z1"
         host_id = "host-1"
