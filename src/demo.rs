@@ -6,7 +6,8 @@
 //! inside the replayed window is deleted at that point, compressed the same
 //! way. At the end the replay compares the zone's instances with what the
 //! calls acknowledged and returns a [`DemoSummary`]. It neither starts nor
-//! stops the zone.
+//! stops the zone. The storage and network part that follows the replay is
+//! in `demo_devices`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -226,7 +227,10 @@ pub async fn run_demo(
     }
     let vms = read_trace(trace, count)?;
     let started = Instant::now();
-    clear_earlier_replay(connector).await?;
+    let leftovers = delete_replay_instances(connector).await?;
+    if leftovers > 0 {
+        println!("deleted {leftovers} instances left by an earlier demo");
+    }
 
     let span_s = vms.last().map_or(0.0, |vm| vm.arrival_s) - vms[0].arrival_s;
     println!(
@@ -241,16 +245,13 @@ pub async fn run_demo(
     Ok(summary)
 }
 
-/// Deletes the instances of an earlier replay and waits until they are gone.
-async fn clear_earlier_replay(connector: &ZoneConnector) -> anyhow::Result<()> {
+/// Deletes every replay instance (name prefix `az-`), waits until they are
+/// gone and returns how many there were.
+pub(crate) async fn delete_replay_instances(connector: &ZoneConnector) -> anyhow::Result<usize> {
     let leftovers = demo_instances(connector).await?;
     if leftovers.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
-    println!(
-        "deleting {} instances left by an earlier demo",
-        leftovers.len()
-    );
     for name in leftovers.keys() {
         let reference = InstanceRef { name: name.clone() };
         let result = with_retry(connector, |mut client| {
@@ -261,20 +262,17 @@ async fn clear_earlier_replay(connector: &ZoneConnector) -> anyhow::Result<()> {
         match result {
             Ok(_) => {}
             Err(status) if status.code() == Code::NotFound => {}
-            Err(status) => bail!(
-                "cannot delete {name} of an earlier demo: {}",
-                status.message()
-            ),
+            Err(status) => bail!("cannot delete replay instance {name}: {}", status.message()),
         }
     }
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     while !demo_instances(connector).await?.is_empty() {
         if Instant::now() >= deadline {
-            bail!("instances of an earlier demo are still present after {SETTLE_TIMEOUT:?}");
+            bail!("replay instances are still present after {SETTLE_TIMEOUT:?}");
         }
         tokio::time::sleep(POLL_PERIOD).await;
     }
-    Ok(())
+    Ok(leftovers.len())
 }
 
 /// Returns the observed state of every demo instance in the zone, by name.

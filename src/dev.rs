@@ -6,11 +6,13 @@
 //! files it writes there, the child processes and their shutdown, and the
 //! zone's two pods. It does not touch a zone's state beyond creating those
 //! pods: a restart on an existing directory reuses its config files, and the
-//! controllers recover from their own data.
+//! controllers recover from their own data. pod-a is a DAS pod (hosts 1 and
+//! 2), pod-b a SAN pod (hosts 3 and 4) whose shared array host-3 fronts.
 //!
 //! Layout under the data directory: `controller-N/` and `agent-N/` (data),
-//! `config/*.toml`, `hosts/host-N.xml`, `logs/*.log`, and `cloud.json`,
-//! which lists every process once all of them have started.
+//! `config/*.toml`, `hosts/host-N.xml`, `logs/*.log`, `fences.jsonl` (the
+//! test fencing driver's record), and `cloud.json`, which lists every
+//! process once all of them have started.
 //!
 //! The file is past 800 lines because it contains the whole launcher (data
 //! layout, config files, child processes and signals) and its tests. No
@@ -31,8 +33,8 @@ use tokio::time::Instant;
 use tonic::Code;
 
 use crate::client::ZoneConnector;
-use crate::config::{AgentConfig, ControllerConfig, Member, RaftTuning};
-use crate::proto::zone::{CreatePodRequest, ReadRequest, ZoneStatusRequest};
+use crate::config::{AgentConfig, ControllerConfig, FencingConfig, Member, RaftTuning};
+use crate::proto::zone::{CreatePodRequest, GetPodRequest, ReadRequest, ZoneStatusRequest};
 
 /// Options of `ccs dev`.
 #[derive(Clone, Debug)]
@@ -59,6 +61,10 @@ const AGENT_PORT_OFFSET: u16 = 101;
 const METRICS_PORT_OFFSET: u16 = 2000;
 /// Local disk of each dev host, in GiB.
 const HOST_DISK_GIB: u64 = 4000;
+/// Capacity of pod-b's shared array, in GiB.
+const SAN_POOL_GIB: u64 = 20_000;
+/// File under the data directory that the test fencing driver appends to.
+const FENCE_RECORD: &str = "fences.jsonl";
 /// Per-call timeout of dev's own calls to the zone.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long startup waits for a leader, and then for the hosts to come up.
@@ -83,6 +89,10 @@ struct PodPlan {
     placement: &'static str,
     cpu_ratio: f64,
     memory_ratio: f64,
+    /// "das" or "san", as CreatePodRequest takes it.
+    storage: &'static str,
+    /// The agent that fronts a SAN pod's shared array; `None` in a DAS pod.
+    san_agent: Option<u16>,
     agents: [u16; 2],
 }
 
@@ -92,6 +102,8 @@ const PODS: [PodPlan; 2] = [
         placement: "pack",
         cpu_ratio: 4.0,
         memory_ratio: 1.0,
+        storage: "das",
+        san_agent: None,
         agents: [1, 2],
     },
     PodPlan {
@@ -99,9 +111,23 @@ const PODS: [PodPlan; 2] = [
         placement: "spread",
         cpu_ratio: 2.0,
         memory_ratio: 1.0,
+        storage: "san",
+        san_agent: Some(3),
         agents: [3, 4],
     },
 ];
+
+/// Host id of dev agent `n`.
+fn host_id(n: u16) -> String {
+    format!("host-{n}")
+}
+
+impl PodPlan {
+    /// Host id of the SAN agent, empty in a DAS pod, as CreatePodRequest takes it.
+    fn san_agent_id(&self) -> String {
+        self.san_agent.map(host_id).unwrap_or_default()
+    }
+}
 
 /// Starts the local cloud and runs it until a signal arrives, or until the
 /// demo finishes when `options.demo` is set.
@@ -117,6 +143,7 @@ pub async fn run(options: DevOptions) -> anyhow::Result<()> {
         println!("creating a new zone in {}", layout.root.display());
     }
     let plan = CloudPlan::prepare(&layout, options.base_port)?;
+    plan.check_san_agents(&layout)?;
     plan.check_ports_free()?;
     let mut signals = ShutdownSignals::install()?;
     let mut cloud = Cloud::default();
@@ -146,7 +173,7 @@ async fn start(
     let connector =
         ZoneConnector::new(&plan.endpoints(), CALL_TIMEOUT).map_err(anyhow::Error::msg)?;
     wait_for_leader(cloud, &connector).await?;
-    create_pods(&connector).await?;
+    create_pods(&connector, layout).await?;
     for spec in &plan.agents {
         cloud.spawn(spec)?;
     }
@@ -160,8 +187,9 @@ async fn start(
     Ok(connector)
 }
 
-/// Runs the demo if one was requested, else waits for a signal. Warns about
-/// children that exit meanwhile.
+/// Runs the demo if one was requested (the trace replay, then the storage
+/// and network walk-through), else waits for a signal. Warns about children
+/// that exit meanwhile.
 async fn serve(
     cloud: &mut Cloud,
     signals: &mut ShutdownSignals,
@@ -179,15 +207,25 @@ async fn serve(
     };
     let summary = summary?;
     println!("{summary}");
+    let logs = options.data_dir.join("logs");
     if !summary.ok() {
         bail!(
             "the demo failed {} requests and lost {} instances (logs in {})",
             summary.failed,
             summary.lost,
-            options.data_dir.join("logs").display()
+            logs.display()
         );
     }
-    Ok(())
+    let walkthrough = crate::demo_devices::run(connector);
+    let Some(outcome) = supervise(cloud, signals, walkthrough).await else {
+        bail!("the demo was interrupted");
+    };
+    outcome.with_context(|| {
+        format!(
+            "the storage and network part of the demo failed (logs in {})",
+            logs.display()
+        )
+    })
 }
 
 /// Drives `work` to completion while checking the children each second.
@@ -248,14 +286,17 @@ async fn wait_for_leader(cloud: &mut Cloud, connector: &ZoneConnector) -> anyhow
     }
 }
 
-/// Creates the dev pods and leaves any pod that already exists unchanged.
-async fn create_pods(connector: &ZoneConnector) -> anyhow::Result<()> {
+/// Creates the dev pods and leaves any pod that already exists unchanged,
+/// after checking that it has the storage model of the plan.
+async fn create_pods(connector: &ZoneConnector, layout: &Layout) -> anyhow::Result<()> {
     for pod in &PODS {
         let request = CreatePodRequest {
             name: pod.name.to_string(),
             cpu_ratio: Some(pod.cpu_ratio),
             memory_ratio: Some(pod.memory_ratio),
             placement: pod.placement.to_string(),
+            storage: pod.storage.to_string(),
+            san_agent: pod.san_agent_id(),
             ..CreatePodRequest::default()
         };
         let result = connector
@@ -266,9 +307,49 @@ async fn create_pods(connector: &ZoneConnector) -> anyhow::Result<()> {
             .await;
         match result {
             Ok(_) => tracing::info!(pod = pod.name, "created pod"),
-            Err(status) if status.code() == Code::AlreadyExists => {}
+            Err(status) if status.code() == Code::AlreadyExists => {
+                check_existing_pod(connector, pod, layout).await?
+            }
             Err(status) => bail!("creating pod {} failed: {}", pod.name, status.message()),
         }
+    }
+    Ok(())
+}
+
+/// Fails, saying what to do, if a pod the zone already has differs from the
+/// plan in its storage model, as a pod-b made by an older `ccs dev` (DAS) does.
+async fn check_existing_pod(
+    connector: &ZoneConnector,
+    pod: &PodPlan,
+    layout: &Layout,
+) -> anyhow::Result<()> {
+    let request = GetPodRequest {
+        name: pod.name.to_string(),
+        stale: false,
+    };
+    let reply = connector
+        .call_until(STARTUP_TIMEOUT, |mut client| {
+            let request = request.clone();
+            async move { client.get_pod(request).await }
+        })
+        .await
+        .map_err(|status| anyhow!("reading pod {} failed: {}", pod.name, status.message()))?;
+    let existing = reply.pod.unwrap_or_default();
+    let found = (existing.storage.as_str(), existing.san_agent.as_str());
+    let planned = (pod.storage, pod.san_agent_id());
+    if found != (planned.0, planned.1.as_str()) {
+        bail!(
+            "pod {} in {} has storage {:?} with SAN agent {:?}, but this ccs dev makes it \
+             {:?} with SAN agent {:?}; the zone was made by an older ccs dev, so stop it and \
+             remove the directory (rm -r {}) to start a new zone, or pass another --data-dir",
+            pod.name,
+            layout.root.display(),
+            found.0,
+            found.1,
+            planned.0,
+            planned.1,
+            layout.root.display()
+        );
     }
     Ok(())
 }
@@ -408,6 +489,31 @@ impl CloudPlan {
         })
     }
 
+    /// Fails, saying what to do, if the config of a SAN pod's agent has no
+    /// array capacity, as the configs of an older `ccs dev` (whose pod-b was
+    /// a DAS pod) have: that agent could not serve the pod's volumes.
+    fn check_san_agents(&self, layout: &Layout) -> anyhow::Result<()> {
+        for pod in &PODS {
+            let Some(agent) = pod.san_agent else { continue };
+            let spec = &self.agents[usize::from(agent - 1)];
+            let config: AgentConfig = load_config(&spec.config)?;
+            if config.san_pool_gib == 0 {
+                bail!(
+                    "{} has san_pool_gib = 0, but {} fronts the shared array of SAN pod {}; \
+                     the directory {} was made by an older ccs dev whose {} is a DAS pod, so \
+                     remove it (rm -r {}) to start a new zone, or pass another --data-dir",
+                    spec.config.display(),
+                    spec.id,
+                    pod.name,
+                    layout.root.display(),
+                    pod.name,
+                    layout.root.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Fails, naming the address, if any port of the plan is in use, so that
     /// the demo never talks to a cloud that another process started.
     fn check_ports_free(&self) -> anyhow::Result<()> {
@@ -485,7 +591,13 @@ fn controller_config(layout: &Layout, ports: &Ports, n: u16) -> ControllerConfig
         raft: RaftTuning::default(),
         host_timeout: Duration::from_secs(5),
         log_json: false,
-        fencing: Default::default(),
+        // The test driver only records the fence, because a dev host is a
+        // libvirt test driver connection that nothing can power off.
+        fencing: FencingConfig {
+            driver: "test".to_string(),
+            record_file: Some(layout.root.join(FENCE_RECORD)),
+            ..FencingConfig::default()
+        },
         unsafe_canary: Default::default(),
     }
 }
@@ -505,7 +617,7 @@ fn agent_config(
         .collect();
     Ok(AgentConfig {
         zone: ZONE.to_string(),
-        host_id: format!("host-{n}"),
+        host_id: host_id(n),
         pod: pod.name.to_string(),
         listen: ports.grpc(AGENT_PORT_OFFSET, n),
         advertise: None,
@@ -517,8 +629,11 @@ fn agent_config(
         heartbeat_interval: Duration::from_secs(1),
         log_json: false,
         ledger: None,
-        san_pool_gib: 0,
-        unsafe_canary: Default::default(),
+        san_pool_gib: if pod.san_agent == Some(n) {
+            SAN_POOL_GIB
+        } else {
+            0
+        },
         ..Default::default()
     })
 }
@@ -851,6 +966,86 @@ mod tests {
         CloudPlan::prepare(&layout(dir.path()), 7100).expect("first start");
         let plan = CloudPlan::prepare(&layout(dir.path()), 8100).expect("restart");
         assert_eq!(plan.controllers[0].grpc.port(), 7101);
+    }
+
+    #[test]
+    fn pod_plan_makes_das_and_san_pods() {
+        assert_eq!(PODS[0].name, "pod-a");
+        assert_eq!(PODS[0].storage, "das");
+        assert_eq!(PODS[0].san_agent_id(), "");
+        assert_eq!(PODS[1].name, "pod-b");
+        assert_eq!(PODS[1].storage, "san");
+        assert_eq!(PODS[1].san_agent_id(), "host-3");
+        for pod in &PODS {
+            if let Some(agent) = pod.san_agent {
+                assert!(
+                    pod.agents.contains(&agent),
+                    "{} fronts another pod",
+                    pod.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn only_san_agent_gets_pool() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let plan = CloudPlan::prepare(&layout(dir.path()), 7100).expect("preparing the plan");
+        let pools: Vec<(String, u64)> = plan
+            .agents
+            .iter()
+            .map(|spec| {
+                let config: AgentConfig = load_config(&spec.config).expect("agent config");
+                (config.host_id, config.san_pool_gib)
+            })
+            .collect();
+        let expected = [
+            ("host-1", 0),
+            ("host-2", 0),
+            ("host-3", SAN_POOL_GIB),
+            ("host-4", 0),
+        ];
+        let expected: Vec<(String, u64)> = expected
+            .iter()
+            .map(|(host, gib)| (host.to_string(), *gib))
+            .collect();
+        assert_eq!(pools, expected);
+    }
+
+    #[test]
+    fn controllers_use_test_fencing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let layout = layout(dir.path());
+        let plan = CloudPlan::prepare(&layout, 7100).expect("preparing the plan");
+        for spec in &plan.controllers {
+            let config: ControllerConfig = load_config(&spec.config).expect("controller config");
+            assert_eq!(config.fencing.driver, "test");
+            assert_eq!(
+                config.fencing.record_file,
+                Some(layout.root.join("fences.jsonl"))
+            );
+        }
+    }
+
+    #[test]
+    fn old_data_dir_without_san_pool_fails() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let layout = layout(dir.path());
+        let plan = CloudPlan::prepare(&layout, 7100).expect("preparing the plan");
+        plan.check_san_agents(&layout)
+            .expect("a new plan has a SAN pool");
+
+        // An older ccs dev wrote agent configs without san_pool_gib.
+        let path = &plan.agents[2].config;
+        let mut config: AgentConfig = load_config(path).expect("agent config");
+        config.san_pool_gib = 0;
+        fs::write(path, toml_text(&config).expect("toml")).expect("rewriting the config");
+
+        let restarted = CloudPlan::prepare(&layout, 7100).expect("restart");
+        let error = restarted.check_san_agents(&layout).expect_err("old config");
+        let message = format!("{error:#}");
+        assert!(message.contains("host-3"), "{message}");
+        assert!(message.contains("rm -r"), "{message}");
     }
 
     #[test]

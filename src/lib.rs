@@ -51,5 +51,6 @@ pub mod telemetry;
 pub mod agent;
 pub mod cli;
 pub mod demo;
+pub mod demo_devices;
 pub mod dev;
 pub mod bench;

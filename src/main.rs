@@ -42,8 +42,9 @@ enum Command {
         /// Directory for every process's data, configs and logs.
         #[arg(long = "data-dir", default_value = "ccs-dev")]
         data_dir: PathBuf,
-        /// Replay the first N requests of the Azure VM trace, print a
-        /// summary, then stop.
+        /// Replay the first N requests of the Azure VM trace and print a
+        /// summary, then walk through networks, volumes and a migration,
+        /// then stop.
         #[arg(long)]
         demo: Option<usize>,
         /// First port; controllers use base+1.., agents base+101...
@@ -56,12 +57,15 @@ enum Command {
         #[arg(long, default_value_t = ccs::demo::DEFAULT_SPEEDUP)]
         speedup: f64,
     },
-    /// Create, list, show and delete instances.
+    /// Create, list, show, delete and migrate instances; attach and detach NICs.
     #[command(subcommand)]
     Instance(cli::InstanceCommand),
-    /// Inspect hosts.
+    /// Inspect, drain and undrain hosts.
     #[command(subcommand)]
     Host(cli::HostCommand),
+    /// Create, list, show, attach, detach and delete volumes.
+    #[command(subcommand)]
+    Volume(cli::VolumeCommand),
     /// Create, list and show pods.
     #[command(subcommand)]
     Pod(cli::PodCommand),
@@ -71,7 +75,7 @@ enum Command {
     /// Read and write zone keys: small metadata values, linearizable.
     #[command(subcommand)]
     Key(cli::KeyCommand),
-    /// Zone status and membership.
+    /// Zone status, membership and drift between the zone and its hosts.
     #[command(subcommand)]
     Zone(cli::ZoneCommand),
     /// Load generators for docs/BENCHMARKS.md.
@@ -106,6 +110,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Instance(command) => cli::instance(&connect()?, command).await?,
         Command::Host(command) => cli::host(&connect()?, command).await?,
+        Command::Volume(command) => cli::volume(&connect()?, command).await?,
         Command::Pod(command) => cli::pod(&connect()?, command).await?,
         Command::Network(command) => cli::network(&connect()?, command).await?,
         Command::Zone(command) => cli::zone(&connect()?, command).await?,

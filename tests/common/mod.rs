@@ -7,6 +7,12 @@
 //! drop first prints how each process ended and the end of its log, so a
 //! failed assertion comes with what the zone was doing. Set
 //! `CCS_KEEP_TEST_DIR=1` to keep a failed test's directory and full logs.
+//!
+//! Every agent reaches the zone, and the zone reaches every agent, through
+//! TCP proxies that run as tasks of the test process on 127.0.0.1. A test
+//! cuts one host off with `partition` and restores it with `heal`, without
+//! iptables or namespaces. Each agent also appends its executed orders to a
+//! ledger file in the cluster directory (`ledger`).
 
 // Each test binary that includes this module uses a different part of it.
 #![allow(dead_code)]
@@ -18,21 +24,36 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use ccs::agent::ledger::{self, LedgerEntry};
 use ccs::client::{reason, ZoneConnector};
-use ccs::config::{AgentConfig, ControllerConfig, Member, RaftTuning};
+use ccs::config::{AgentConfig, ControllerConfig, FencingConfig, Member, RaftTuning};
 use ccs::proto::zone::{
     CreateInstanceRequest, CreatePodRequest, GetInstanceRequest, HostDomain, HostRef, Instance,
     ReadRequest, ZoneStatusReply, ZoneStatusRequest,
 };
 use futures::stream::{self, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::{Code, Status};
 
 pub const ZONE: &str = "test-zone";
-/// The one pod of every test cluster. All agents register in it.
+/// The one pod of the single-pod layout. All agents register in it.
 pub const POD: &str = "pod-a";
+/// The DAS pod of the storage layout: host-1 and host-2.
+pub const DAS_POD: &str = "das-pod";
+/// The SAN pod of the storage layout: host-3, host-4 and host-5.
+pub const SAN_POD: &str = "san-pod";
+/// The host whose agent fronts the SAN pod's shared array.
+pub const SAN_AGENT: &str = "host-3";
+/// Capacity of the SAN pod's shared array, in GiB.
+pub const SAN_POOL_GIB: u64 = 2000;
+/// File in the cluster directory that the "test" fencing driver appends to,
+/// unless the options name another.
+pub const FENCE_FILE: &str = "fences.jsonl";
 /// Per-call timeout of the connectors the tests use. It is above the
 /// controller's 8 s write timeout, so a slow commit comes back as the
 /// server's TIMEOUT rather than a client-side deadline.
@@ -45,6 +66,11 @@ const LOG_TAIL_LINES: usize = 40;
 /// Environment variable that keeps a failed test's directory, with every
 /// config, database and full log, instead of removing it.
 const KEEP_DIR_VARIABLE: &str = "CCS_KEEP_TEST_DIR";
+/// Environment variable naming a `ccs` binary to run instead of the one
+/// cargo built with this test binary. Worktrees that share a cargo target
+/// directory overwrite each other's `ccs`, so a run that must test one
+/// checkout copies its binary away and names the copy here.
+const BINARY_VARIABLE: &str = "CCS_TEST_BINARY";
 /// Each test host: 32 CPUs and 128 GiB of memory (the test driver counts memory in KiB).
 const HOST_XML: &str = "<node><cpu><mhz>2600</mhz><model>x86_64</model><active>32</active>\
 <max>32</max><nodes>1</nodes><sockets>2</sockets><cores>8</cores><threads>2</threads></cpu>\
@@ -59,10 +85,16 @@ const POD_CPU_RATIO: f64 = 8.0;
 pub struct ClusterOptions {
     /// Controller replicas, with node ids 1 to `controllers`.
     pub controllers: u64,
-    /// Agents, with host ids "host-1" to "host-N".
+    /// Agents of the single-pod layout, with host ids "host-1" to "host-N".
+    /// The storage layout ignores it and always has five.
     pub agents: usize,
+    pub pods: PodLayout,
     pub raft: RaftTuning,
     pub host_timeout: Duration,
+    /// The controllers' fencing driver. With driver "test" and no
+    /// `record_file`, fences are recorded in `FENCE_FILE` in the cluster
+    /// directory.
+    pub fencing: FencingConfig,
 }
 
 impl Default for ClusterOptions {
@@ -70,10 +102,90 @@ impl Default for ClusterOptions {
         ClusterOptions {
             controllers: 3,
             agents: 2,
+            pods: PodLayout::Single,
             raft: fast_raft(),
             host_timeout: Duration::from_secs(3),
+            fencing: FencingConfig::default(),
         }
     }
+}
+
+/// The pods of a test cluster and the hosts in each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodLayout {
+    /// One DAS pod, `POD`, with every agent in it.
+    Single,
+    /// `DAS_POD` with host-1 and host-2, and `SAN_POD` with host-3, host-4
+    /// and host-5, where host-3 fronts the shared array of `SAN_POOL_GIB`.
+    Storage,
+}
+
+/// One agent of a test cluster, as the layout places it.
+struct HostSpec {
+    id: String,
+    pod: &'static str,
+    san_pool_gib: u64,
+}
+
+impl PodLayout {
+    /// Lists the pods to create before any agent starts, with spread placement.
+    fn pods(self) -> Vec<CreatePodRequest> {
+        let pod = |name: &str, storage: &str, san_agent: &str| CreatePodRequest {
+            name: name.to_string(),
+            cpu_ratio: Some(POD_CPU_RATIO),
+            memory_ratio: Some(1.0),
+            placement: "spread".to_string(),
+            storage: storage.to_string(),
+            san_agent: san_agent.to_string(),
+            ..CreatePodRequest::default()
+        };
+        match self {
+            PodLayout::Single => vec![pod(POD, "", "")],
+            PodLayout::Storage => vec![pod(DAS_POD, "das", ""), pod(SAN_POD, "san", SAN_AGENT)],
+        }
+    }
+
+    fn hosts(self, agents: usize) -> Vec<HostSpec> {
+        let host = |n: usize, pod: &'static str| {
+            let id = format!("host-{n}");
+            let san_pool_gib = if id == SAN_AGENT { SAN_POOL_GIB } else { 0 };
+            HostSpec { id, pod, san_pool_gib }
+        };
+        match self {
+            PodLayout::Single => (1..=agents).map(|n| host(n, POD)).collect(),
+            PodLayout::Storage => {
+                let das = (1..=2).map(|n| host(n, DAS_POD));
+                das.chain((3..=5).map(|n| host(n, SAN_POD))).collect()
+            }
+        }
+    }
+}
+
+/// Options for a cluster of 3 controllers in the storage layout.
+pub fn storage_options() -> ClusterOptions {
+    ClusterOptions {
+        pods: PodLayout::Storage,
+        ..ClusterOptions::default()
+    }
+}
+
+/// Returns the "test" fencing driver, which records fences in `FENCE_FILE`,
+/// set to fence a host once it has been suspect for `after`.
+pub fn test_fencing(after: Duration) -> FencingConfig {
+    FencingConfig {
+        driver: "test".to_string(),
+        after,
+        ..FencingConfig::default()
+    }
+}
+
+/// One line of the "test" fencing driver's record file.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct FenceRecord {
+    pub host: String,
+    pub pod: String,
+    /// Wall-clock time of the fence, in nanoseconds since the Unix epoch.
+    pub time_unix_ns: u64,
 }
 
 /// Raft timings short enough for fast failover, and long enough that two
@@ -132,7 +244,9 @@ impl Process {
         let log = File::create(&log_path)
             .unwrap_or_else(|e| panic!("creating log file {}: {e}", log_path.display()));
         let stderr = log.try_clone().expect("duplicating the log file handle");
-        let child = Command::new(env!("CARGO_BIN_EXE_ccs"))
+        let binary = std::env::var_os(BINARY_VARIABLE)
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_ccs").into());
+        let child = Command::new(binary)
             .arg(self.role)
             .arg("--config")
             .arg(&self.config_path)
@@ -206,9 +320,99 @@ pub struct ControllerHandle {
 
 pub struct AgentHandle {
     pub host: String,
-    /// gRPC address, `127.0.0.1:port`.
+    /// gRPC address the agent listens on, `127.0.0.1:port`. The zone
+    /// reaches the agent through a proxy instead.
     pub addr: String,
     process: Process,
+    links: Links,
+}
+
+/// The proxies between one agent and the zone: one in front of the
+/// agent's gRPC port, which the agent advertises, and one per controller,
+/// which the agent's config lists instead of the controllers.
+struct Links {
+    /// True while the host is partitioned.
+    cut: watch::Sender<bool>,
+    /// Listeners bound before any agent port is chosen, so that no proxy
+    /// can take a port that `free_ports` released for an agent.
+    unused: Vec<TcpListener>,
+    /// The proxies' accept loops, aborted when the cluster is dropped.
+    proxies: Vec<JoinHandle<()>>,
+}
+
+impl Links {
+    /// Binds `count` proxy listeners on free loopback ports.
+    fn bind(count: usize) -> Links {
+        let unused = (0..count)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding a proxy port on loopback"))
+            .collect();
+        Links {
+            cut: watch::channel(false).0,
+            unused,
+            proxies: Vec::new(),
+        }
+    }
+
+    /// Starts a proxy to `target` on one of the bound listeners and returns
+    /// its address.
+    fn proxy_to(&mut self, target: SocketAddr) -> SocketAddr {
+        let listener = self
+            .unused
+            .pop()
+            .expect("Links::bind reserves a listener per proxy");
+        let (addr, task) = start_proxy(listener, target, self.cut.subscribe());
+        self.proxies.push(task);
+        addr
+    }
+}
+
+/// Starts a TCP proxy on `listener` that forwards each connection to
+/// `target`. While `cut` is true it closes every accepted connection at
+/// once and drops the ones it forwards, so the peers see closed connections
+/// rather than a silent network.
+fn start_proxy(
+    listener: TcpListener,
+    target: SocketAddr,
+    cut: watch::Receiver<bool>,
+) -> (SocketAddr, JoinHandle<()>) {
+    listener
+        .set_nonblocking(true)
+        .expect("making the proxy listener non-blocking");
+    let addr = listener.local_addr().expect("local address of a bound listener");
+    let listener = tokio::net::TcpListener::from_std(listener)
+        .expect("registering the proxy listener with tokio");
+    let task = tokio::spawn(async move {
+        loop {
+            let inbound = match listener.accept().await {
+                Ok((inbound, _)) => inbound,
+                Err(_) => {
+                    // Out of file descriptors, for example: try again shortly.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            if *cut.borrow() {
+                continue;
+            }
+            tokio::spawn(forward(inbound, target, cut.clone()));
+        }
+    });
+    (addr, task)
+}
+
+/// Copies bytes both ways between `inbound` and a new connection to
+/// `target` until either side closes or the link is cut.
+async fn forward(mut inbound: TcpStream, target: SocketAddr, mut cut: watch::Receiver<bool>) {
+    let Ok(mut outbound) = TcpStream::connect(target).await else {
+        return;
+    };
+    let _ = inbound.set_nodelay(true);
+    let _ = outbound.set_nodelay(true);
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+        // Also ends when the cluster, and with it the sender, is dropped.
+        _ = cut.wait_for(|cut| *cut) => {}
+    }
 }
 
 pub struct Cluster {
@@ -237,6 +441,35 @@ fn free_ports(count: usize) -> Vec<u16> {
 
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Builds an agent config from its required fields. It goes through serde,
+/// so every optional field takes the default its `#[serde(default)]` names.
+fn agent_config(
+    host: &str,
+    pod: &str,
+    listen: SocketAddr,
+    metrics_listen: SocketAddr,
+    libvirt_uri: &str,
+    data_dir: &Path,
+    controllers: Vec<String>,
+) -> AgentConfig {
+    let mut table = toml::Table::new();
+    let mut set = |key: &str, value: toml::Value| {
+        table.insert(key.to_string(), value);
+    };
+    set("zone", ZONE.into());
+    set("host_id", host.into());
+    set("pod", pod.into());
+    set("listen", listen.to_string().into());
+    set("metrics_listen", metrics_listen.to_string().into());
+    set("libvirt_uri", libvirt_uri.into());
+    set("disk_gib", i64::try_from(HOST_DISK_GIB).expect("disk fits i64").into());
+    set("data_dir", data_dir.display().to_string().into());
+    set("controllers", controllers.into());
+    table
+        .try_into()
+        .unwrap_or_else(|e| panic!("the test agent config for {host} does not parse: {e}"))
 }
 
 fn write_toml<T: serde::Serialize>(path: &Path, config: &T) {
@@ -274,11 +507,17 @@ impl Cluster {
             cluster.add_controller(*id, pair[0], pair[1], bootstrap.clone());
         }
         cluster.leader_id().await;
-        cluster.create_pod().await;
+        for pod in cluster.options.pods.pods() {
+            cluster.create_pod(pod).await;
+        }
 
-        let ports = free_ports(cluster.options.agents * 2);
-        for (n, pair) in ports.chunks(2).enumerate() {
-            cluster.add_agent(&format!("host-{}", n + 1), pair[0], pair[1]);
+        // Each agent has a proxy in front of it and one per controller.
+        let hosts = cluster.options.pods.hosts(cluster.options.agents);
+        let proxies_per_agent = 1 + cluster.controllers.len();
+        let links: Vec<Links> = hosts.iter().map(|_| Links::bind(proxies_per_agent)).collect();
+        let ports = free_ports(hosts.len() * 2);
+        for ((host, pair), links) in hosts.iter().zip(ports.chunks(2)).zip(links) {
+            cluster.add_agent(host, pair[0], pair[1], links);
         }
         cluster.wait_hosts_up().await;
         cluster
@@ -296,7 +535,7 @@ impl Cluster {
             raft: self.options.raft.clone(),
             host_timeout: self.options.host_timeout,
             log_json: false,
-            fencing: Default::default(),
+            fencing: self.controller_fencing(),
             unsafe_canary: Default::default(),
         };
         let config_path = self.dir.path().join(format!("controller-{id}.toml"));
@@ -313,26 +552,44 @@ impl Cluster {
         self.controllers.insert(id, handle);
     }
 
-    fn add_agent(&mut self, host: &str, port: u16, metrics_port: u16) {
+    /// Returns the fencing config of every controller, with the record file
+    /// of the "test" driver defaulted to `FENCE_FILE` in the cluster directory.
+    fn controller_fencing(&self) -> FencingConfig {
+        let mut fencing = self.options.fencing.clone();
+        if fencing.driver == "test" && fencing.record_file.is_none() {
+            fencing.record_file = Some(self.dir.path().join(FENCE_FILE));
+        }
+        fencing
+    }
+
+    /// Starts an agent behind its own proxies (see `Links`).
+    fn add_agent(&mut self, spec: &HostSpec, port: u16, metrics_port: u16, mut links: Links) {
+        let host = spec.id.as_str();
+        let advertised = links.proxy_to(loopback(port));
+        let controller_addrs: Vec<SocketAddr> = self
+            .controllers
+            .values()
+            .map(|c| c.addr.parse().expect("controller addresses are ip:port"))
+            .collect();
+        let controllers: Vec<String> = controller_addrs
+            .into_iter()
+            .map(|addr| links.proxy_to(addr).to_string())
+            .collect();
+
         let host_xml = self.dir.path().join("host.xml");
-        let config = AgentConfig {
-            zone: ZONE.to_string(),
-            host_id: host.to_string(),
-            pod: POD.to_string(),
-            listen: loopback(port),
-            advertise: None,
-            metrics_listen: loopback(metrics_port),
-            libvirt_uri: format!("test://{}", host_xml.display()),
-            disk_gib: HOST_DISK_GIB,
-            data_dir: self.dir.path().join(format!("agent-{host}")),
-            controllers: self.controllers.values().map(|c| c.addr.clone()).collect(),
-            heartbeat_interval: Duration::from_millis(500),
-            log_json: false,
-            ledger: None,
-            san_pool_gib: 0,
-            unsafe_canary: Default::default(),
-            ..Default::default()
-        };
+        let mut config = agent_config(
+            host,
+            spec.pod,
+            loopback(port),
+            loopback(metrics_port),
+            &format!("test://{}", host_xml.display()),
+            &self.dir.path().join(format!("agent-{host}")),
+            controllers,
+        );
+        config.advertise = Some(advertised.to_string());
+        config.heartbeat_interval = Duration::from_millis(500);
+        config.ledger = Some(self.ledger_path(host));
+        config.san_pool_gib = spec.san_pool_gib;
         let config_path = self.dir.path().join(format!("agent-{host}.toml"));
         write_toml(&config_path, &config);
         let name = format!("agent-{host}");
@@ -342,18 +599,16 @@ impl Cluster {
             host: host.to_string(),
             addr: config.listen.to_string(),
             process,
+            links,
         };
         self.agents.insert(host.to_string(), handle);
     }
 
-    async fn create_pod(&self) {
-        let request = CreatePodRequest {
-            name: POD.to_string(),
-            cpu_ratio: Some(POD_CPU_RATIO),
-            memory_ratio: Some(1.0),
-            placement: "spread".to_string(),
-            ..CreatePodRequest::default()
-        };
+    fn ledger_path(&self, host: &str) -> PathBuf {
+        self.dir.path().join(format!("ledger-{host}.jsonl"))
+    }
+
+    async fn create_pod(&self, request: CreatePodRequest) {
         let created = self
             .connector()
             .call_until(START_TIMEOUT, |mut client| {
@@ -365,7 +620,7 @@ impl Cluster {
             Ok(_) => {}
             // A retry after a lost reply finds the pod already made.
             Err(status) if reason(&status) == Some("POD_EXISTS") => {}
-            Err(status) => panic!("creating pod {POD} failed: {status:?}"),
+            Err(status) => panic!("creating pod {} failed: {status:?}", request.name),
         }
     }
 
@@ -512,6 +767,50 @@ impl Cluster {
         self.agent_mut(host).process.start();
     }
 
+    /// Cuts `host` off the zone: its agent's connections to the
+    /// controllers and the zone's connections to it are dropped, and new
+    /// ones are closed as soon as they are accepted. Other agents still
+    /// reach it through its advertised address (a migration's destination),
+    /// but nothing of the zone does.
+    pub fn partition(&self, host: &str) {
+        self.agent(host).links.cut.send_replace(true);
+    }
+
+    /// Ends the partition of `host`.
+    pub fn heal(&self, host: &str) {
+        self.agent(host).links.cut.send_replace(false);
+    }
+
+    /// Reads the ledger of `host`'s agent: one entry per executed order,
+    /// over every start of the agent. Empty before its first order.
+    pub fn ledger(&self, host: &str) -> Vec<LedgerEntry> {
+        let path = self.ledger_path(host);
+        if !path.exists() {
+            return Vec::new();
+        }
+        ledger::read(&path).unwrap_or_else(|e| panic!("reading ledger {}: {e:#}", path.display()))
+    }
+
+    /// Reads the fences the "test" fencing driver recorded, oldest first.
+    pub fn fences(&self) -> Vec<FenceRecord> {
+        let path = self
+            .controller_fencing()
+            .record_file
+            .expect("fences() needs the \"test\" fencing driver in ClusterOptions::fencing");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => panic!("reading fence records {}: {e}", path.display()),
+        };
+        text.lines()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| {
+                    panic!("invalid fence record {line:?} in {}: {e}", path.display())
+                })
+            })
+            .collect()
+    }
+
     fn agent_mut(&mut self, host: &str) -> &mut AgentHandle {
         self.agents
             .get_mut(host)
@@ -568,6 +867,9 @@ impl Drop for Cluster {
         }
         for agent in self.agents.values_mut() {
             agent.process.kill_now();
+            for proxy in &agent.links.proxies {
+                proxy.abort();
+            }
         }
     }
 }
