@@ -155,6 +155,9 @@ pub enum VolumeCommand {
         /// Default: the host of the pod with the most free disk.
         #[arg(long)]
         host: Option<String>,
+        /// Wait until the pool holds the volume and it is available.
+        #[arg(long)]
+        wait: bool,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -183,6 +186,9 @@ pub enum VolumeCommand {
     /// Delete a detached volume and free its space.
     Delete {
         volume: String,
+        /// Wait until the pool no longer holds the volume.
+        #[arg(long)]
+        wait: bool,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -845,6 +851,40 @@ fn describe_progress(instance: &Instance) -> String {
 
 /// Polls an instance until `done` accepts it (`None`: the instance is gone),
 /// for up to `WAIT_TIMEOUT`.
+/// Polls a volume until `done` holds for it (`None`: it is gone), and
+/// fails naming its last state and error when the wait times out.
+async fn wait_for_volume<F>(connector: &ZoneConnector, id: &str, done: F) -> Result<Option<Volume>, CallError>
+where
+    F: Fn(Option<&Volume>) -> bool,
+{
+    let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
+    loop {
+        let request = GetVolumeRequest {
+            name: id.to_string(),
+            stale: false,
+        };
+        let found = call(connector, request, |mut c, r| async move { c.get_volume(r).await });
+        let volume = match found.await {
+            Ok(reply) => reply.volume,
+            Err(CallError(status)) if status.code() == tonic::Code::NotFound => None,
+            Err(error) => return Err(error),
+        };
+        if done(volume.as_ref()) {
+            return Ok(volume);
+        }
+        if tokio::time::Instant::now() > deadline {
+            let last_seen = volume.as_ref().map_or("gone".to_string(), |v| {
+                let error = if v.last_error.is_empty() { String::new() } else { format!(", last error: {}", v.last_error) };
+                format!("{} on host {}{error}", v.state, v.host)
+            });
+            return Err(CallError(tonic::Status::deadline_exceeded(format!(
+                "volume {id:?} did not reach the awaited state within {WAIT_TIMEOUT:?}; it is {last_seen}"
+            ))));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 async fn wait_for<F>(
     connector: &ZoneConnector,
     name: &str,
@@ -1140,6 +1180,7 @@ pub async fn volume(connector: &ZoneConnector, command: VolumeCommand) -> Result
             pod,
             size_gib,
             host,
+            wait,
             output,
         } => {
             let request = CreateVolumeRequest {
@@ -1151,10 +1192,15 @@ pub async fn volume(connector: &ZoneConnector, command: VolumeCommand) -> Result
             // A retry of a create that was applied fails with "name already
             // taken", so after that error `ccs volume show` shows whether this
             // create made it.
-            let volume = call(connector, request, |mut c, r| async move {
+            let mut volume = call(connector, request, |mut c, r| async move {
                 c.create_volume(r).await
             })
             .await?;
+            if wait {
+                volume = wait_for_volume(connector, &volume.id, |v| v.is_some_and(|v| v.state == "available"))
+                    .await?
+                    .unwrap_or(volume);
+            }
             print_one(output, &volume);
         }
         VolumeCommand::List(read) => {
@@ -1202,14 +1248,18 @@ pub async fn volume(connector: &ZoneConnector, command: VolumeCommand) -> Result
             .await?;
             print_one(output, &reply);
         }
-        VolumeCommand::Delete { volume, output } => {
+        VolumeCommand::Delete { volume, wait, output } => {
             let request = VolumeRef { name: volume };
             let volume = call(connector, request, |mut c, r| async move {
                 c.delete_volume(r).await
             })
             .await?;
+            if wait {
+                wait_for_volume(connector, &volume.id, |v| v.is_none()).await?;
+            }
             match output {
                 Output::Json => print_json(&volume.json()),
+                Output::Table if wait => println!("deleted volume {} ({})", volume.name, volume.id),
                 Output::Table => println!("deleting volume {} ({})", volume.name, volume.id),
             }
         }
@@ -1535,6 +1585,7 @@ mod tests {
             size_gib,
             host,
             output,
+            ..
         })) = parsed
         else {
             panic!("not a volume create: {parsed:?}");
