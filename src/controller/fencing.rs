@@ -1,7 +1,7 @@
 //! Fencing drivers: how the leader makes sure a suspect host runs nothing
 //! before the host's SAN instances restart elsewhere.
 //!
-//! A driver powers the host off and reports what it did; only then does the
+//! A driver powers the host off and reports what it did. Only then does the
 //! leader propose `FenceHost`, and apply lets an instance of that host
 //! restart elsewhere only once that command is committed. A driver that
 //! fails, or no driver at all, leaves the host suspect and its instances
@@ -119,8 +119,8 @@ impl FenceDriver for CommandDriver {
                 stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
             });
         }
-        let said = String::from_utf8_lossy(&output.stdout).trim().to_string();
-        Ok(format!("command {program:?} powered the host off: {said}"))
+        let stdout = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        Ok(format!("command {program:?} powered the host off: {stdout}"))
     }
 }
 
@@ -196,8 +196,8 @@ mod tests {
     #[tokio::test]
     async fn command_driver_passes_the_host_and_reports_failure() {
         let ok = driver(&config("command", &["sh", "-c", "echo off $0 $CCS_HOST_POD"], None)).unwrap();
-        let said = ok.fence(&host()).await.unwrap();
-        assert!(said.contains("off host-7 pod-s"), "{said}");
+        let method = ok.fence(&host()).await.unwrap();
+        assert!(method.contains("off host-7 pod-s"), "{method}");
 
         let failing = driver(&config("command", &["sh", "-c", "echo no BMC >&2; exit 3"], None)).unwrap();
         let error = failing.fence(&host()).await.unwrap_err().to_string();

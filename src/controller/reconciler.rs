@@ -9,10 +9,10 @@
 //! anyway. Orders left open by an earlier leader are superseded by a fresh
 //! order from this one, which resumes them; every order is idempotent.
 //!
-//! It also handles hosts: it marks them suspect when their heartbeats
-//! stop, fences them through the configured driver after `fencing.after`,
-//! restarts a fenced host's SAN instances elsewhere once the fence is
-//! committed, releases deleted networks once no host carries them, and
+//! It also handles hosts. It marks them suspect when their heartbeats stop
+//! and fences them through the configured driver after `fencing.after`.
+//! Once a fence is committed, it restarts the host's SAN instances
+//! elsewhere. It releases deleted networks once no host carries them, and
 //! publishes drift counts.
 
 use std::collections::HashMap;

@@ -1,8 +1,8 @@
 //! The leader's handling of volume, NIC, migration and drain requests.
 //!
 //! Each request is validated and resolved here (names to ids, a host for a
-//! DAS volume, a destination for a migration) and proposed as one command;
-//! apply checks every rule again, so a decision made on a stale view is
+//! DAS volume, a destination for a migration) and proposed as one command.
+//! Apply checks every rule again, so a decision made on a stale view is
 //! rejected rather than applied.
 
 use super::error::ApiError;
@@ -16,7 +16,7 @@ use crate::zone::model::{
 /// Largest volume accepted, in GiB (1 PiB).
 const MAX_VOLUME_GIB: u64 = 1024 * 1024;
 
-/// How a device change reaches the instance's domain.
+/// The moment a device change reaches the instance's domain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Applies {
     /// The running domain changes at once (hot-plug).
@@ -235,7 +235,7 @@ impl Zone {
     pub(super) fn destination_for(&self, instance: &Instance) -> Result<String, ApiError> {
         let pods = self.node.pods()?;
         let hosts = self.node.hosts()?;
-        let wanted = scheduler::Request {
+        let request = scheduler::Request {
             vcpus: instance.vcpus,
             memory_mib: instance.memory_mib,
             disk_gib: instance.disk_gib,
@@ -244,7 +244,7 @@ impl Zone {
             avoid: Some(&instance.host),
         };
         let reserved = Default::default();
-        match scheduler::place(&wanted, &pods, &hosts, &reserved) {
+        match scheduler::place(&request, &pods, &hosts, &reserved) {
             Some(decision) => Ok(decision.host),
             None => Err(ApiError::NoCapacity {
                 scope: format!("pod {:?} besides host {:?}", instance.pod, instance.host),

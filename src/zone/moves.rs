@@ -1,11 +1,11 @@
 //! Apply rules for instances that change hosts: live migration and drain in
 //! SAN pods, and the restart of a fenced host's SAN instances elsewhere.
 //!
-//! Safety rests on two rules checked here, whatever the leader believed:
-//! an instance is restarted on another host only when its host's fence is
-//! committed (`evacuate_instance` requires `HostHealth::Fenced`), and a
-//! copy left on a fenced host is destroyed only through a `StaleCopy` that
-//! names it, so a returning host loses nothing else.
+//! Safety rests on two rules checked here, whatever the leader believed.
+//! An instance is restarted on another host only when its host's fence is
+//! committed (`evacuate_instance` requires `HostHealth::Fenced`). A copy
+//! left on a fenced host is destroyed only through a `StaleCopy` that names
+//! it, so a returning host loses nothing else.
 
 use super::apply::{devices_of, hold, release, reject, remove_instance, supersede, Txn};
 use super::command::{CommandResult, Rejection};
@@ -18,7 +18,7 @@ use crate::store::db::{
     CF_POD_PROFILES, CF_STALE_COPIES,
 };
 
-/// The key of a stale copy: host id, a zero byte, instance id.
+/// Returns the key of a stale copy: host id, a zero byte, instance id.
 pub fn stale_key(host: &str, instance_id: &str) -> Vec<u8> {
     let mut key = host.as_bytes().to_vec();
     key.push(0);

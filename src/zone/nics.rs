@@ -12,7 +12,7 @@ use super::command::{CommandResult, Rejection};
 use super::model::{DesiredState, Instance, InstanceDevices, Network, NetworkState, Nic};
 use crate::store::db::{DbError, CF_DEVICES, CF_INSTANCES, CF_LEASES, CF_NETWORKS};
 
-/// The key prefix of a network's leases.
+/// Returns the key prefix of a network's leases.
 fn lease_prefix(network: &str) -> Vec<u8> {
     let mut key = network.as_bytes().to_vec();
     key.push(0);

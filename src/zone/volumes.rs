@@ -1,7 +1,7 @@
 //! Apply rules for volumes and SAN pools.
 //!
 //! A DAS volume lives in one host's local pool and counts against that
-//! host's disk; a SAN volume lives in its pod's shared pool and counts
+//! host's disk. A SAN volume lives in its pod's shared pool and counts
 //! against the pool's capacity, which the SAN agent reports. Both limits are
 //! scaled by the pod's storage ratio. A volume attaches to one instance at a
 //! time, and a DAS volume only to an instance on its own host.
@@ -217,7 +217,7 @@ pub fn detach_volume(txn: &mut Txn, volume_id: &str) -> Result<CommandResult, Db
     };
     // NOTE: the volume is free for another attach as soon as this applies,
     // even where the running domain keeps it until its next start (no
-    // hot-plug); a "detaching" state confirmed by the host would close that.
+    // hot-plug). A "detaching" state that the host confirms would close this.
     detach_from(txn, volume_id)?;
     let Some(mut instance) = txn.get::<Instance>(CF_INSTANCES, instance_id.as_bytes())? else {
         return Ok(CommandResult::Volume(volume));
