@@ -228,6 +228,9 @@ impl<'a> Walkthrough<'a> {
             "detached {} from {}: applies {}: {}",
             volume.name, first.name, detached.applies, detached.message
         ));
+        // The volume stays reserved ("detaching") until host-1's agent
+        // confirms a definition without it.
+        self.wait_available(&volume.name).await?;
         self.attach_across_hosts(&volume, &second).await
     }
 
@@ -334,6 +337,23 @@ impl<'a> Walkthrough<'a> {
         Ok(())
     }
 
+    /// Waits until a volume is available.
+    async fn wait_available(&self, name: &str) -> anyhow::Result<Volume> {
+        poll(&format!("volume {name} to become available"), async || {
+            let volume = self.volume(name).await?;
+            Ok(match volume {
+                Some(v) if v.state == "available" => Ok(v),
+                Some(v) => Err(format!(
+                    "state {}, last error {}",
+                    v.state,
+                    or_none(&v.last_error)
+                )),
+                None => Err("not found".to_string()),
+            })
+        })
+        .await
+    }
+
     /// Creates a volume and waits until it is available.
     async fn create_volume(
         &mut self,
@@ -353,19 +373,7 @@ impl<'a> Walkthrough<'a> {
             c.create_volume(r).await
         })
         .await?;
-        let volume = poll(&format!("volume {name} to become available"), async || {
-            let volume = self.volume(&name).await?;
-            Ok(match volume {
-                Some(v) if v.state == "available" => Ok(v),
-                Some(v) => Err(format!(
-                    "state {}, last error {}",
-                    v.state,
-                    or_none(&v.last_error)
-                )),
-                None => Err("not found".to_string()),
-            })
-        })
-        .await?;
+        let volume = self.wait_available(&name).await?;
         if let Some(host) = host.filter(|host| *host != volume.host) {
             bail!(
                 "volume {name} is on host {}, not on the requested host {host}",

@@ -162,7 +162,10 @@ async fn volume_lifecycle_das_and_san() {
         "das-a still lists das-vol-3 after the detach: {:?}",
         holder.volumes
     );
-    assert_eq!(get_volume(zone, "das-vol-3").await.unwrap().attached_to, "");
+    // The volume stays reserved for das-a until host-1's agent confirms a
+    // definition without it.
+    let freed = wait_volume_available(zone, "das-vol-3").await;
+    assert_eq!(freed.attached_to, "", "{freed:?}");
     delete_volume(zone, "das-vol-3")
         .await
         .unwrap_or_else(|s| panic!("deleting the detached das-vol-3 failed: {s:?}"));
@@ -198,8 +201,18 @@ async fn volume_lifecycle_das_and_san() {
     detach_volume(zone, "san-vol")
         .await
         .unwrap_or_else(|s| panic!("detaching san-vol from san-a failed: {s:?}"));
-    let moved = attach_volume(zone, "san-vol", "san-b")
-        .await
+    // Until san-a's host confirms a definition without the volume, it stays
+    // reserved; an attach that races that confirmation may go either way.
+    let early = attach_volume(zone, "san-vol", "san-b").await;
+    let moved = match early {
+        Ok(reply) => Ok(reply),
+        Err(status) => {
+            assert_rejected(&status, Code::FailedPrecondition, "WRONG_STATE", "attach of a detaching volume");
+            wait_volume_available(zone, "san-vol").await;
+            attach_volume(zone, "san-vol", "san-b").await
+        }
+    };
+    let moved = moved
         .unwrap_or_else(|s| {
             panic!(
                 "attaching san-vol, detached from san-a on {}, to san-b on {} failed: {s:?}",
@@ -1333,6 +1346,20 @@ async fn get_volume(zone: &ZoneConnector, name: &str) -> Result<Volume, Status> 
 
 /// Waits until volume `name` is deleted: GetVolume returns VOLUME_NOT_FOUND
 /// and ListVolumes does not list it.
+/// Waits until a volume is available, e.g. after its host confirmed a detach.
+async fn wait_volume_available(zone: &ZoneConnector, name: &str) -> Volume {
+    let condition = format!("volume {name} to be available");
+    wait_for(&condition, SETTLE_TIMEOUT, async || {
+        let volume = get_volume(zone, name).await.map_err(|s| format!("{s:?}"))?;
+        if volume.state == "available" {
+            Ok(volume)
+        } else {
+            Err(format!("{volume:?}"))
+        }
+    })
+    .await
+}
+
 async fn wait_volume_gone(zone: &ZoneConnector, name: &str) {
     let condition = format!("volume {name} to be deleted");
     wait_for(&condition, SETTLE_TIMEOUT, async || match get_volume(zone, name).await {

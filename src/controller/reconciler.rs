@@ -242,7 +242,7 @@ impl Reconciler {
                 let action = match volume.state {
                     VolumeState::Creating => OrderAction::CreateVolume,
                     VolumeState::Deleting => OrderAction::DeleteVolume,
-                    VolumeState::Available => return None,
+                    VolumeState::Available | VolumeState::Detaching => return None,
                 };
                 Some(Command::OpenVolumeOrder {
                     volume_id: volume.id.clone(),

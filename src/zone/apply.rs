@@ -832,6 +832,7 @@ fn close_order(txn: &mut Txn, order_id: u64, outcome: &OrderOutcome) -> Result<C
                 let stored = txn.get::<InstanceDevices>(CF_DEVICES, instance.id.as_bytes())?;
                 if let Some(mut devices) = stored.filter(|d| d.applied_generation < entry.generation) {
                     devices.applied_generation = entry.generation;
+                    volumes::finish_detaches(txn, &mut devices, entry.generation)?;
                     txn.put(CF_DEVICES, instance.id.as_bytes(), &devices)?;
                 }
             }
@@ -858,7 +859,7 @@ pub(super) fn remove_instance(txn: &mut Txn, instance: &Instance) -> Result<(), 
         txn.put(CF_HOSTS, host.id.as_bytes(), &host)?;
     }
     let devices = devices_of(txn, &instance.id)?;
-    for volume_id in &devices.volumes {
+    for volume_id in devices.volumes.iter().chain(&devices.detaching) {
         volumes::detach_from(txn, volume_id)?;
     }
     for nic in &devices.nics {
@@ -1201,6 +1202,26 @@ mod tests {
         one(harness, Command::CloseOrder { order_id: entry.id, outcome: done });
     }
 
+    /// Opens and completes a start order at the instance's generation, as
+    /// the reconciler does when the host confirms its definition.
+    fn confirm_start(harness: &mut Harness, instance: &Instance) {
+        let leader = LeaderStamp { term: 1, node_id: 1 };
+        let opened = one(
+            harness,
+            Command::OpenOrder {
+                instance_id: instance.id.clone(),
+                action: OrderAction::Start,
+                generation: instance.generation,
+                leader,
+            },
+        );
+        let CommandResult::Order(entry) = opened else {
+            panic!("expected an order, got {opened:?}");
+        };
+        let done = OrderOutcome::Done { domain_state: "running".into() };
+        one(harness, Command::CloseOrder { order_id: entry.id, outcome: done });
+    }
+
     fn das_and_san(harness: &mut Harness) {
         create_pod(harness, "das", vlan_profile(1, 4094));
         let san = PodProfile {
@@ -1254,7 +1275,17 @@ mod tests {
         assert!(matches!(first, CommandResult::Devices(..)), "{first:?}");
         let twice = one(&mut harness, Command::AttachVolume { volume_id: "v-san".into(), instance_id: "id-on-s2".into() });
         assert!(matches!(twice, CommandResult::Rejected(Rejection::VolumeAttached { .. })), "{twice:?}");
-        one(&mut harness, Command::DetachVolume { volume_id: "v-san".into() });
+        let detached = one(&mut harness, Command::DetachVolume { volume_id: "v-san".into() });
+        let CommandResult::Devices(on_s1, _) = detached else {
+            panic!("expected the detach to apply, got {detached:?}");
+        };
+        // Until s1's agent confirms a definition without the volume, the
+        // running domain may still write it, so nobody else gets it.
+        let early = one(&mut harness, Command::AttachVolume { volume_id: "v-san".into(), instance_id: "id-on-s2".into() });
+        assert!(matches!(early, CommandResult::Rejected(Rejection::VolumeNotAvailable { .. })), "{early:?}");
+        let deleted = one(&mut harness, Command::DeleteVolume { id: "v-san".into() });
+        assert!(matches!(deleted, CommandResult::Rejected(Rejection::VolumeNotAvailable { .. })), "{deleted:?}");
+        confirm_start(&mut harness, &on_s1);
         let moved = one(&mut harness, Command::AttachVolume { volume_id: "v-san".into(), instance_id: "id-on-s2".into() });
         let CommandResult::Devices(instance, devices) = moved else {
             panic!("expected the attach to apply, got {moved:?}");

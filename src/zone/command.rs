@@ -311,7 +311,7 @@ pub enum Rejection {
     VolumeAttached { volume: String, instance: String },
     #[error("volume {volume:?} is not attached to any instance")]
     VolumeNotAttached { volume: String },
-    #[error("volume {volume:?} is {state}, not available; wait for its create to finish")]
+    #[error("volume {volume:?} is {state}, not available; wait until `ccs volume show` says it is available")]
     VolumeNotAvailable { volume: String, state: String },
     #[error("{pool} has no room for {size_gib} GiB: {free_gib} GiB of {capacity_gib} GiB free")]
     PoolFull {

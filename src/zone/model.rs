@@ -453,6 +453,9 @@ pub enum VolumeState {
     Available,
     /// Deleted by a client; the record goes once the pool no longer has it.
     Deleting,
+    /// Detached by a client, but the instance's host has not yet confirmed
+    /// a definition without it, so it stays reserved for that instance.
+    Detaching,
 }
 
 impl VolumeState {
@@ -461,6 +464,7 @@ impl VolumeState {
             VolumeState::Creating => "creating",
             VolumeState::Available => "available",
             VolumeState::Deleting => "deleting",
+            VolumeState::Detaching => "detaching",
         }
     }
 }
@@ -515,6 +519,11 @@ pub struct InstanceDevices {
     /// changes bump the generation, so a smaller value means the host's
     /// definition is behind.
     pub applied_generation: u64,
+    /// Volumes detached at `detached_generation` that the host has not yet
+    /// confirmed gone; they become available when it does.
+    pub detaching: Vec<String>,
+    /// The generation of the latest detach.
+    pub detached_generation: u64,
 }
 
 /// A migration in progress: capacity is held on both hosts until the

@@ -8,13 +8,14 @@
 //! it, so a returning host loses nothing else.
 
 use super::apply::{devices_of, hold, release, reject, remove_instance, supersede, Txn};
+use super::volumes::finish_detaches;
 use super::command::{CommandResult, Rejection};
 use super::model::{
     DesiredState, FenceRecord, Host, HostHealth, Instance, JournalEntry, LeaderStamp, Move,
     ObservedState, OrderAction, OrderOutcome, Pod, PodProfile, StaleCopy, StorageModel,
 };
 use crate::store::db::{
-    self, DbError, CF_FENCES, CF_HOSTS, CF_INSTANCES, CF_JOURNAL, CF_MOVES, CF_PODS,
+    self, DbError, CF_DEVICES, CF_FENCES, CF_HOSTS, CF_INSTANCES, CF_JOURNAL, CF_MOVES, CF_PODS,
     CF_POD_PROFILES, CF_STALE_COPIES,
 };
 
@@ -280,7 +281,12 @@ pub fn evacuate_instance(txn: &mut Txn, index: u64, instance_id: &str, to: &str)
     instance.observed = ObservedState::Pending;
     instance.generation += 1;
     txn.put(CF_INSTANCES, instance_id.as_bytes(), &instance)?;
-    let devices = devices_of(txn, instance_id)?;
+    // The fenced host's domain can no longer use the volumes being detached.
+    let mut devices = devices_of(txn, instance_id)?;
+    if !devices.detaching.is_empty() {
+        finish_detaches(txn, &mut devices, u64::MAX)?;
+        txn.put(CF_DEVICES, instance_id.as_bytes(), &devices)?;
+    }
     Ok(CommandResult::Devices(instance, devices))
 }
 

@@ -9,8 +9,8 @@
 use super::apply::{devices_of, reject, supersede, Txn};
 use super::command::{CommandResult, Rejection};
 use super::model::{
-    DesiredState, Host, Instance, JournalEntry, LeaderStamp, OrderAction, OrderOutcome, Pod,
-    PodProfile, SanPool, StorageModel, Volume, VolumePool, VolumeState,
+    DesiredState, Host, Instance, InstanceDevices, JournalEntry, LeaderStamp, OrderAction,
+    OrderOutcome, Pod, PodProfile, SanPool, StorageModel, Volume, VolumePool, VolumeState,
 };
 use crate::store::db::{
     self, DbError, CF_DEVICES, CF_HOSTS, CF_INSTANCES, CF_JOURNAL, CF_PODS, CF_POD_PROFILES,
@@ -137,6 +137,12 @@ pub fn delete_volume(txn: &mut Txn, id: &str) -> Result<CommandResult, DbError> 
     let Some(mut volume) = txn.get::<Volume>(CF_VOLUMES, id.as_bytes())? else {
         return reject(Rejection::UnknownVolume(id.to_string()));
     };
+    if volume.state == VolumeState::Detaching {
+        return reject(Rejection::VolumeNotAvailable {
+            volume: volume.name,
+            state: volume.state.as_str().to_string(),
+        });
+    }
     if let Some(instance) = &volume.attached_to {
         return reject(Rejection::VolumeAttached {
             volume: volume.name,
@@ -156,6 +162,12 @@ pub fn attach_to(txn: &mut Txn, volume_id: &str, instance: &Instance) -> Result<
     let Some(mut volume) = txn.get::<Volume>(CF_VOLUMES, volume_id.as_bytes())? else {
         return Ok(Some(Rejection::UnknownVolume(volume_id.to_string())));
     };
+    if volume.state == VolumeState::Detaching {
+        return Ok(Some(Rejection::VolumeNotAvailable {
+            volume: volume.name,
+            state: volume.state.as_str().to_string(),
+        }));
+    }
     if let Some(holder) = &volume.attached_to {
         return Ok(Some(Rejection::VolumeAttached {
             volume: volume.name,
@@ -208,33 +220,59 @@ pub fn attach_volume(txn: &mut Txn, volume_id: &str, instance_id: &str) -> Resul
     Ok(CommandResult::Devices(instance, devices))
 }
 
+/// Detaches a volume from its instance's record. The volume stays
+/// `detaching`, reserved for that instance, until the host confirms a
+/// definition without it, so no other instance can write it meanwhile.
 pub fn detach_volume(txn: &mut Txn, volume_id: &str) -> Result<CommandResult, DbError> {
-    let Some(volume) = txn.get::<Volume>(CF_VOLUMES, volume_id.as_bytes())? else {
+    let Some(mut volume) = txn.get::<Volume>(CF_VOLUMES, volume_id.as_bytes())? else {
         return reject(Rejection::UnknownVolume(volume_id.to_string()));
     };
-    let Some(instance_id) = volume.attached_to.clone() else {
+    let attached = volume.attached_to.clone().filter(|_| volume.state == VolumeState::Available);
+    let Some(instance_id) = attached else {
         return reject(Rejection::VolumeNotAttached { volume: volume.name });
     };
-    // NOTE: the volume is free for another attach as soon as this applies,
-    // even where the running domain keeps it until its next start (no
-    // hot-plug). A "detaching" state that the host confirms would close this.
-    detach_from(txn, volume_id)?;
     let Some(mut instance) = txn.get::<Instance>(CF_INSTANCES, instance_id.as_bytes())? else {
+        detach_from(txn, volume_id)?;
         return Ok(CommandResult::Volume(volume));
     };
+    instance.generation += 1;
     let mut devices = devices_of(txn, &instance_id)?;
     devices.volumes.retain(|v| v != volume_id);
-    instance.generation += 1;
+    devices.detaching.push(volume_id.to_string());
+    devices.detached_generation = instance.generation;
+    volume.state = VolumeState::Detaching;
+    txn.put(CF_VOLUMES, volume_id.as_bytes(), &volume)?;
     txn.put(CF_DEVICES, instance_id.as_bytes(), &devices)?;
     txn.put(CF_INSTANCES, instance_id.as_bytes(), &instance)?;
     Ok(CommandResult::Devices(instance, devices))
 }
 
-/// Clears a volume's attachment, for detach and for instance removal.
+/// Frees a volume of an instance: on instance removal, and once the host
+/// confirmed a detach.
 pub fn detach_from(txn: &mut Txn, volume_id: &str) -> Result<(), DbError> {
     if let Some(mut volume) = txn.get::<Volume>(CF_VOLUMES, volume_id.as_bytes())? {
         volume.attached_to = None;
+        if volume.state == VolumeState::Detaching {
+            volume.state = VolumeState::Available;
+        }
         txn.put(CF_VOLUMES, volume_id.as_bytes(), &volume)?;
+    }
+    Ok(())
+}
+
+/// Frees the detaching volumes of an instance whose host confirmed its
+/// definition at `generation`, or whose old domain can no longer run
+/// (`generation` is `u64::MAX` after a fence).
+///
+/// NOTE: without hot-plug (of the hypervisors here, only libvirt's test
+/// driver) the running domain keeps the volume until its next start, yet
+/// the volume is freed once the new definition is confirmed.
+pub fn finish_detaches(txn: &mut Txn, devices: &mut InstanceDevices, generation: u64) -> Result<(), DbError> {
+    if devices.detaching.is_empty() || generation < devices.detached_generation {
+        return Ok(());
+    }
+    for volume_id in std::mem::take(&mut devices.detaching) {
+        detach_from(txn, &volume_id)?;
     }
     Ok(())
 }
