@@ -428,10 +428,16 @@ impl Reconciler {
             {
                 continue;
             }
+            // A pod without room is tried again after a delay, not every scan.
+            let key = format!("evacuate:{}", instance.id);
+            if !self.ready(&key) {
+                continue;
+            }
             let to = match self.zone.destination_for(&instance) {
                 Ok(to) => to,
                 Err(e) => {
                     tracing::warn!(instance = %instance.name, error = %e, "no host can take the instance of a fenced host yet");
+                    self.retry_after.insert(key, Instant::now() + RETRY_DELAY * 5);
                     continue;
                 }
             };
