@@ -757,7 +757,7 @@ impl Record for ZoneDriftReply {
             if !reply.unreported.is_empty() {
                 let hosts = reply.unreported.join(", ");
                 text.push_str(&format!(
-                    "not compared, no report since the leader took over: {hosts}\n"
+                    "not compared (not up, or no report since the leader took over): {hosts}\n"
                 ));
             }
         }
@@ -1374,7 +1374,7 @@ pub async fn network(connector: &ZoneConnector, command: NetworkCommand) -> Resu
                 "VLAN id"
             };
             println!(
-                "deleted {}; {mode} {} is free",
+                "network {} is deleting; its {mode} {} is freed once no host carries the network",
                 network.name, network.segmentation_id
             );
         }

@@ -769,7 +769,7 @@ enum Outcome {
 ///    "k-net-N" and a migration of k-move to a named host. Kill the leader
 ///    after the delay. Each call succeeds or fails with a retryable status.
 /// 3. Within 60 s a new leader serves a settled zone: the volume
-///    "available", k-move and k-attach running with no migration.
+///    "available" or "in-use", k-move and k-attach running with no migration.
 /// 4. Each operation is done or absent, never half. The volume is attached
 ///    and listed by k-attach, or detached and not listed, and then a new
 ///    attach succeeds. The network is listed with a VLAN id, or absent, and
@@ -870,7 +870,7 @@ async fn leader_kill_mid_operations() {
             let volume_now = get_volume(zone, &volume).await.map_err(|s| format!("{s:?}"))?;
             let k_move = get_instance(zone, "k-move").await.map_err(|s| format!("{s:?}"))?;
             let holder = get_instance(zone, "k-attach").await.map_err(|s| format!("{s:?}"))?;
-            let settled = volume_now.state == "available"
+            let settled = matches!(volume_now.state.as_str(), "available" | "in-use")
                 && is_settled(&k_move)
                 && is_settled(&holder);
             if settled {

@@ -27,7 +27,8 @@ pub struct DriftItem {
 pub struct DriftReport {
     pub items: Vec<DriftItem>,
     pub hosts_checked: u32,
-    /// Hosts that take orders but sent no heartbeat since this leader started.
+    /// Hosts not compared: not up (suspect or fenced), or no heartbeat since
+    /// this leader started.
     pub unreported: Vec<String>,
 }
 
@@ -48,10 +49,10 @@ impl Zone {
 
         let mut report = DriftReport::default();
         for host in &hosts {
-            let Some(seen) = self.liveness.get(&host.id).and_then(|l| l.report.clone()) else {
-                if host.health.takes_orders() {
-                    report.unreported.push(host.id.clone());
-                }
+            // A suspect or fenced host's last report is stale, so it is not compared.
+            let seen = self.liveness.get(&host.id).and_then(|l| l.report.clone());
+            let Some(seen) = seen.filter(|_| host.health.takes_orders()) else {
+                report.unreported.push(host.id.clone());
                 continue;
             };
             report.hosts_checked += 1;
@@ -119,7 +120,10 @@ impl Zone {
                         "volume",
                         &volume.id,
                         "missing",
-                        format!("volume {:?} is available in the zone but absent from this host's pool", volume.name),
+                        format!(
+                            "volume {:?} exists in the zone but is absent from this host's pool; the leader creates it again",
+                            volume.name
+                        ),
                     );
                 }
             }

@@ -11,13 +11,13 @@
 //! | NO_CAPACITY       | RESOURCE_EXHAUSTED  | no                          |
 //! | RANGE_EXHAUSTED   | RESOURCE_EXHAUSTED  | no (the pod has no free VLAN id or VNI) |
 //! | POOL_FULL, SUBNET_EXHAUSTED | RESOURCE_EXHAUSTED | no (no room in a storage pool; no free address) |
-//! | VOLUME_HOST_MISMATCH, POD_MISMATCH, IN_USE, NOT_MIGRATABLE, HOST_NOT_DRAINABLE, WRONG_STATE | FAILED_PRECONDITION | no |
+//! | VOLUME_HOST_MISMATCH, POD_MISMATCH, HOST_POD_MISMATCH, IN_USE, NOT_MIGRATABLE, HOST_NOT_DRAINABLE, WRONG_STATE | FAILED_PRECONDITION | no |
 //! | CONFLICT          | ABORTED             | no                          |
 //! | CAS_MISMATCH      | FAILED_PRECONDITION | no                          |
 //! | NOT_LEADER        | UNAVAILABLE         | no (refused before proposing; `ccs-leader` names the leader) |
 //! | MEMBERSHIP_CHANGING | UNAVAILABLE       | no (another membership change is in progress) |
 //! | NO_LEADER         | UNAVAILABLE         | no                          |
-//! | HOST_UNREACHABLE  | UNAVAILABLE         | no (reads only)             |
+//! | HOST_UNREACHABLE  | UNAVAILABLE         | no (reads, and volume creates refused before proposing) |
 //! | LEADER_CHANGED    | UNAVAILABLE         | yes                         |
 //! | TIMEOUT           | DEADLINE_EXCEEDED   | yes                         |
 //! | INTERNAL          | INTERNAL            | yes                         |
@@ -73,6 +73,16 @@ pub enum ApiError {
         pod: String,
         instances: Vec<String>,
     },
+    #[error(
+        "host {host:?} is draining, but these instances could not start migrating: {}; run the drain again",
+        .stuck.join("; ")
+    )]
+    DrainIncomplete { host: String, stuck: Vec<String> },
+    #[error(
+        "the storage pool's host {host:?} is {health}, so it cannot create or delete volumes; \
+         retry when `ccs host list` shows it up"
+    )]
+    PoolHostDown { host: String, health: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -106,6 +116,8 @@ impl ApiError {
             ApiError::LeaderChanged => (Code::Unavailable, "LEADER_CHANGED"),
             ApiError::Timeout(_) => (Code::DeadlineExceeded, "TIMEOUT"),
             ApiError::NotDrainable { .. } => (Code::FailedPrecondition, "HOST_NOT_DRAINABLE"),
+            ApiError::DrainIncomplete { .. } => (Code::Aborted, "CONFLICT"),
+            ApiError::PoolHostDown { .. } => (Code::Unavailable, "HOST_UNREACHABLE"),
             ApiError::Internal(_) => (Code::Internal, "INTERNAL"),
         }
     }
@@ -135,7 +147,7 @@ fn rejection_code(rejection: &Rejection) -> (tonic::Code, &'static str) {
         Rejection::UnknownVolume(_) => (Code::NotFound, "VOLUME_NOT_FOUND"),
         Rejection::VolumeNameTaken(_) | Rejection::VolumeIdTaken(_) => (Code::AlreadyExists, "NAME_TAKEN"),
         Rejection::VolumeHostMismatch { .. } => (Code::FailedPrecondition, "VOLUME_HOST_MISMATCH"),
-        Rejection::VolumePodMismatch { .. } | Rejection::NetworkPodMismatch { .. } => {
+        Rejection::VolumePodMismatch { .. } | Rejection::NetworkPodMismatch { .. } | Rejection::HostNotInPod { .. } => {
             (Code::FailedPrecondition, "POD_MISMATCH")
         }
         Rejection::VolumeAttached { .. } | Rejection::NicExists { .. } | Rejection::NetworkInUse { .. } => {

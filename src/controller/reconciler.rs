@@ -43,6 +43,8 @@ const RETRY_DELAY: Duration = Duration::from_secs(2);
 const ORDER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Scan period when nothing is applied in between.
 const SCAN_PERIOD: Duration = Duration::from_millis(500);
+/// Shortest wait between two creates of a volume missing from its pool.
+const RECREATE_DELAY: Duration = Duration::from_secs(10);
 /// Period of the drift check that feeds the `ccs_drift_items` metric.
 const DRIFT_PERIOD: Duration = Duration::from_secs(10);
 
@@ -64,6 +66,9 @@ pub struct Reconciler {
     /// Hosts whose fence is in progress.
     fencing: Arc<DashSet<String>>,
     last_drift_check: Instant,
+    /// Volumes this leader has seen, so a new one is not taken for missing
+    /// before the next heartbeats of its pool's host.
+    volumes_seen: std::collections::HashSet<String>,
 }
 
 /// Returns the action an instance's domain needs, if any, ignoring open orders.
@@ -116,6 +121,7 @@ impl Reconciler {
             fence_driver,
             fencing: Arc::new(DashSet::new()),
             last_drift_check: Instant::now(),
+            volumes_seen: Default::default(),
         }
     }
 
@@ -228,6 +234,7 @@ impl Reconciler {
             });
         }
 
+        self.volumes_seen.retain(|id| volumes.contains_key(id));
         for volume in volumes.values() {
             let key = format!("volume:{}", volume.id);
             if !self.ready(&key) {
@@ -237,11 +244,28 @@ impl Reconciler {
                 Some(order) => node.order(order)?,
                 None => None,
             };
+            // A pool that lost a volume (a host whose storage was rebuilt, or
+            // an agent restart under the test driver) gets it created again;
+            // the create is idempotent, and it is tried at most every
+            // RECREATE_DELAY.
+            let recreate_key = format!("recreate:{}", volume.id);
+            if volume.state == VolumeState::Creating || self.volumes_seen.insert(volume.id.clone()) {
+                // Heartbeats sent before the create may lack the volume.
+                self.retry_after.insert(recreate_key.clone(), Instant::now() + RECREATE_DELAY);
+            }
+            let missing = self.ready(&recreate_key)
+                && self
+                    .zone
+                    .liveness
+                    .get(&volume.host)
+                    .and_then(|l| l.report.clone())
+                    .is_some_and(|report| !report.volumes.contains(&volume.id));
             let stamp = self.stamp;
             let Some(work) = self.work_for(open, || {
                 let action = match volume.state {
                     VolumeState::Creating => OrderAction::CreateVolume,
                     VolumeState::Deleting => OrderAction::DeleteVolume,
+                    VolumeState::Available | VolumeState::Detaching if missing => OrderAction::CreateVolume,
                     VolumeState::Available | VolumeState::Detaching => return None,
                 };
                 Some(Command::OpenVolumeOrder {
@@ -263,6 +287,10 @@ impl Reconciler {
             let Some(client) = self.agent(&host.agent_endpoint) else {
                 continue;
             };
+            if missing && matches!(volume.state, VolumeState::Available | VolumeState::Detaching) {
+                tracing::warn!(volume = %volume.name, host_id = %volume.host, "volume is missing from its pool; creating it again");
+                self.retry_after.insert(recreate_key, Instant::now() + RECREATE_DELAY);
+            }
             let order = Order {
                 action: proto_action(action) as i32,
                 instance_id: volume.id.clone(),

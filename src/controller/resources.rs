@@ -76,6 +76,22 @@ impl Zone {
             (StorageModel::Das, Some(host)) => Some(host),
             (StorageModel::Das, None) => Some(self.roomiest_host(&pod, size_gib)?),
         };
+        // The pool's agent creates the volume; a create it cannot execute
+        // would stay "creating" until the host returns.
+        let pool_host = match &host {
+            Some(host) => Some(host.clone()),
+            None => self.node.san_pool(&pod)?.map(|pool| pool.host),
+        };
+        if let Some(pool_host) = pool_host {
+            if let Some(record) = self.node.host(&pool_host)? {
+                if !record.health.takes_orders() {
+                    return Err(ApiError::PoolHostDown {
+                        host: record.id,
+                        health: record.health.as_str().to_string(),
+                    });
+                }
+            }
+        }
         let command = Command::CreateVolume {
             id: uuid::Uuid::new_v4().to_string(),
             name,
@@ -189,17 +205,25 @@ impl Zone {
         let (applies, message) = match (running, hot_plug) {
             (false, _) => (
                 Applies::AtStart,
-                format!("instance {:?} is not running yet; its start carries the change", instance.name),
+                format!(
+                    "instance {:?} is {}, not running; its next start carries the change",
+                    instance.name,
+                    instance.observed.as_str()
+                ),
             ),
             (true, true) => (
                 Applies::Now,
-                format!("the agent of host {:?} changes the running domain (hot-plug)", instance.host),
+                format!(
+                    "the agent of host {:?} will change the running domain (hot-plug); \
+                     `ccs instance show` lists the devices",
+                    instance.host
+                ),
             ),
             (true, false) => (
                 Applies::NextStart,
                 format!(
-                    "host {:?} runs libvirt's test driver, which has no hot-plug: the definition \
-                     is updated now and the running domain gets the change at its next start",
+                    "host {:?} runs libvirt's test driver, which has no hot-plug: its agent will \
+                     update the definition, and the running domain gets the change at its next start",
                     instance.host
                 ),
             ),
@@ -256,7 +280,9 @@ impl Zone {
     }
 
     /// Stops placements on a SAN host and migrates its running instances
-    /// away. A DAS host is refused, naming the instances that cannot move.
+    /// away. A DAS host is refused, naming the instances that cannot move,
+    /// and so is a SAN host whose instances do not all fit elsewhere: then
+    /// nothing changes.
     pub async fn drain_host(&self, host_id: &str) -> Result<(crate::zone::model::Host, Vec<Instance>), ApiError> {
         self.node.read_barrier().await?;
         let Some(host) = self.node.host(host_id)? else {
@@ -278,15 +304,15 @@ impl Zone {
                 instances: on_host.into_iter().map(|i| i.name).collect(),
             });
         }
-        let host = self.set_draining(host_id).await?;
         let moves = self.node.moves()?;
-        let mut migrating = Vec::new();
-        for instance in on_host {
-            if moves.contains_key(&instance.id) {
-                migrating.push(instance);
-                continue;
-            }
-            let to = self.destination_for(&instance)?;
+        let to_move: Vec<Instance> = on_host.iter().filter(|i| !moves.contains_key(&i.id)).cloned().collect();
+        // Plan every destination first, each holding its capacity for the
+        // next, so a drain that cannot finish changes nothing.
+        let plan = self.plan_destinations(&to_move)?;
+        let host = self.set_draining(host_id).await?;
+        let mut migrating: Vec<Instance> = on_host.into_iter().filter(|i| moves.contains_key(&i.id)).collect();
+        let mut stuck = Vec::new();
+        for (instance, to) in to_move.into_iter().zip(plan) {
             let command = Command::MigrateInstance {
                 instance_id: instance.id.clone(),
                 to,
@@ -294,12 +320,55 @@ impl Zone {
             match self.node.propose(command).await? {
                 CommandResult::Instance(instance) => migrating.push(instance),
                 CommandResult::Rejected(rejection) => {
-                    tracing::warn!(host_id, instance = %instance.name, %rejection, "drain could not migrate instance yet");
+                    tracing::warn!(host_id, instance = %instance.name, %rejection, "drain could not migrate instance");
+                    stuck.push(format!("{}: {rejection}", instance.name));
                 }
                 other => return Err(unexpected(other)),
             }
         }
+        if !stuck.is_empty() {
+            return Err(ApiError::DrainIncomplete {
+                host: host.id,
+                stuck,
+            });
+        }
         Ok((host, migrating))
+    }
+
+    /// Chooses a destination for each instance, counting the ones chosen
+    /// before it, or fails naming the first that fits nowhere.
+    fn plan_destinations(&self, instances: &[Instance]) -> Result<Vec<String>, ApiError> {
+        let pods = self.node.pods()?;
+        let hosts = self.node.hosts()?;
+        let mut reserved: std::collections::BTreeMap<String, scheduler::Reserved> = Default::default();
+        let mut plan = Vec::with_capacity(instances.len());
+        for instance in instances {
+            let request = scheduler::Request {
+                vcpus: instance.vcpus,
+                memory_mib: instance.memory_mib,
+                disk_gib: instance.disk_gib,
+                pod: Some(&instance.pod),
+                host: None,
+                avoid: Some(&instance.host),
+            };
+            let Some(decision) = scheduler::place(&request, &pods, &hosts, &reserved) else {
+                return Err(ApiError::NoCapacity {
+                    scope: format!(
+                        "pod {:?} besides host {:?} (for instance {:?}; the host was not drained)",
+                        instance.pod, instance.host, instance.name
+                    ),
+                    vcpus: instance.vcpus,
+                    memory_mib: instance.memory_mib,
+                    disk_gib: instance.disk_gib,
+                });
+            };
+            let held = reserved.entry(decision.host.clone()).or_default();
+            held.vcpus += instance.vcpus;
+            held.memory_mib += instance.memory_mib;
+            held.disk_gib += instance.disk_gib;
+            plan.push(decision.host);
+        }
+        Ok(plan)
     }
 
     async fn set_draining(&self, host_id: &str) -> Result<crate::zone::model::Host, ApiError> {

@@ -156,7 +156,10 @@ fn volume_message(volume: &model::Volume) -> Volume {
         pool: volume.pool.as_str().to_string(),
         host: volume.host.clone(),
         size_gib: volume.size_gib,
-        state: volume.state.as_str().to_string(),
+        state: match (volume.state, &volume.attached_to) {
+            (model::VolumeState::Available, Some(_)) => "in-use".to_string(),
+            (state, _) => state.as_str().to_string(),
+        },
         attached_to: volume.attached_to.clone().unwrap_or_default(),
         created_index: volume.created_index,
         last_error: volume.last_error.clone().unwrap_or_default(),

@@ -1342,7 +1342,16 @@ mod tests {
             panic!("expected the NIC to attach");
         };
         assert_eq!(devices.nics[0].ip, "10.7.0.3", "the freed address is the lowest free one");
-        assert_eq!(devices.nics[0].mac, "52:54:0a:07:00:03");
+        assert_eq!(devices.nics[0].mac, "52:00:01:07:00:03", "VLAN id 1, address 10.7.0.3");
+
+        // A second network over the same subnet gives the same address but
+        // another MAC, so one instance never has two NICs with one MAC.
+        create_network_in(&mut harness, "tiny-twin", "das", "10.7.0.0/29");
+        let CommandResult::Devices(_, devices) = one(&mut harness, Command::AttachNic { instance_id: "id-i1".into(), network: "tiny-twin".into() }) else {
+            panic!("expected the second NIC to attach");
+        };
+        assert_eq!(devices.nics[1].ip, "10.7.0.2");
+        assert_ne!(devices.nics[0].mac, devices.nics[1].mac);
     }
 
     #[test]

@@ -233,6 +233,12 @@ pub enum Rejection {
     UnknownHost(String),
     #[error("host {host:?} belongs to pod {pod:?}; a host cannot change pods")]
     HostPodMismatch { host: String, pod: String },
+    #[error("host {host:?} is in pod {host_pod:?}, not in pod {pod:?}; choose a host of pod {pod:?}")]
+    HostNotInPod {
+        host: String,
+        host_pod: String,
+        pod: String,
+    },
     #[error("instance {0:?} not found")]
     UnknownInstance(String),
     #[error("instance name {0:?} is already taken")]
@@ -346,7 +352,10 @@ pub enum Rejection {
     },
     #[error("network {network:?} has no free address left in {cidr}; detach NICs or use a larger subnet")]
     SubnetExhausted { network: String, cidr: String },
-    #[error("network {network:?} still has NICs of instances {instances:?}; detach them first")]
+    #[error(
+        "network {network:?} still has NICs of instances {}; detach them first",
+        .instances.join(", ")
+    )]
     NetworkInUse {
         network: String,
         instances: Vec<String>,

@@ -44,7 +44,11 @@ fn destination(txn: &Txn, instance: &Instance, to: &str) -> Result<Result<Host, 
         return Ok(Err(Rejection::UnknownHost(to.to_string())));
     };
     if host.pod != instance.pod {
-        return Ok(Err(Rejection::HostPodMismatch { host: host.id, pod: host.pod }));
+        return Ok(Err(Rejection::HostNotInPod {
+            host: host.id,
+            host_pod: host.pod,
+            pod: instance.pod.clone(),
+        }));
     }
     if host.health != HostHealth::Up {
         return Ok(Err(Rejection::HostNotUp(host.id)));

@@ -98,14 +98,25 @@ pub fn lease(
         return Ok(Err(exhausted()));
     }
     txn.put(CF_LEASES, &lease_key(network, candidate), &instance.id)?;
-    let octets = candidate.to_be_bytes();
     Ok(Ok(Nic {
         network: network.to_string(),
-        // Locally administered, and unique within the network because the
-        // address is.
-        mac: format!("52:54:{:02x}:{:02x}:{:02x}:{:02x}", octets[0], octets[1], octets[2], octets[3]),
+        mac: mac_for(record.segmentation_id, candidate),
         ip: Ipv4Addr::from(candidate).to_string(),
     }))
+}
+
+/// Derives a NIC's MAC from its network's segmentation id and its address:
+/// a locally administered unicast prefix (0x52), the id's low 16 bits, and
+/// the address's low 24 bits. Subnets are /8 or smaller, so two NICs of one
+/// network differ in the address bits, and two NICs of one instance on
+/// different networks of a VLAN pod differ in the id bits.
+///
+/// NOTE: in a VXLAN pod, two VNIs equal in their low 16 bits can give an
+/// instance two NICs with one MAC when their subnets overlap.
+fn mac_for(segmentation_id: u32, address: u32) -> String {
+    let id = segmentation_id.to_be_bytes();
+    let ip = address.to_be_bytes();
+    format!("52:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", id[2], id[3], ip[1], ip[2], ip[3])
 }
 
 pub fn release_lease(txn: &mut Txn, nic: &Nic) -> Result<(), DbError> {
@@ -115,13 +126,12 @@ pub fn release_lease(txn: &mut Txn, nic: &Nic) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Returns the ids of the instances holding leases on `network`.
+/// Returns the names of the instances holding leases on `network`.
 pub fn lease_holders(txn: &Txn, network: &str) -> Result<Vec<String>, DbError> {
-    let mut holders: Vec<String> = txn
-        .scan_prefix::<String>(CF_LEASES, &lease_prefix(network))?
-        .into_iter()
-        .map(|(_, holder)| holder)
-        .collect();
+    let mut holders = Vec::new();
+    for (_, holder) in txn.scan_prefix::<String>(CF_LEASES, &lease_prefix(network))? {
+        holders.push(super::volumes::instance_name(txn, &holder)?);
+    }
     holders.sort();
     holders.dedup();
     Ok(holders)

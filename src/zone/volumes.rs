@@ -17,6 +17,11 @@ use crate::store::db::{
     CF_SAN_POOLS, CF_VOLUMES, CF_VOLUME_NAMES,
 };
 
+/// Returns an instance's name for messages, or its id once it is gone.
+pub fn instance_name(txn: &Txn, id: &str) -> Result<String, DbError> {
+    Ok(txn.get::<Instance>(CF_INSTANCES, id.as_bytes())?.map_or_else(|| id.to_string(), |i| i.name))
+}
+
 fn profile(txn: &Txn, pod: &str) -> Result<PodProfile, DbError> {
     Ok(txn.get(CF_POD_PROFILES, pod.as_bytes())?.unwrap_or_default())
 }
@@ -80,7 +85,11 @@ pub fn create_volume(
                 return reject(Rejection::UnknownHost(host_id.to_string()));
             };
             if host.pod != pod {
-                return reject(Rejection::HostPodMismatch { host: host.id, pod: host.pod });
+                return reject(Rejection::HostNotInPod {
+                    host: host.id,
+                    host_pod: host.pod,
+                    pod: pod.to_string(),
+                });
             }
             let capacity = limit(host.disk_gib, &profile);
             let free = capacity.saturating_sub(host.used_disk_gib);
@@ -145,8 +154,8 @@ pub fn delete_volume(txn: &mut Txn, id: &str) -> Result<CommandResult, DbError> 
     }
     if let Some(instance) = &volume.attached_to {
         return reject(Rejection::VolumeAttached {
+            instance: instance_name(txn, instance)?,
             volume: volume.name,
-            instance: instance.clone(),
         });
     }
     if volume.state != VolumeState::Deleting {
@@ -170,8 +179,8 @@ pub fn attach_to(txn: &mut Txn, volume_id: &str, instance: &Instance) -> Result<
     }
     if let Some(holder) = &volume.attached_to {
         return Ok(Some(Rejection::VolumeAttached {
+            instance: instance_name(txn, holder)?,
             volume: volume.name,
-            instance: holder.clone(),
         }));
     }
     if volume.state != VolumeState::Available {
