@@ -1036,6 +1036,48 @@ async fn drift_reports_foreign_domain() {
     .await;
 }
 
+/// A pool that loses its volumes gets them back: under the test driver an
+/// agent restart empties its pools, and the leader creates them again.
+///
+/// 1. Start the storage layout; create SAN volume "kept" (on host-3's pool).
+/// 2. Kill and restart host-3's agent.
+/// 3. Within 60 s host-3's ledger has a second create of "kept", and
+///    ZoneDrift reports nothing on host-3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_volumes_are_created_again() {
+    let mut cluster = Cluster::start(storage_options()).await;
+    let connector = cluster.connector();
+    let zone = &connector;
+
+    // Step 1.
+    let kept = create_available_volume(zone, "kept", SAN_POD, 10, "").await;
+    let creates = |cluster: &Cluster| {
+        cluster
+            .ledger(SAN_AGENT)
+            .into_iter()
+            .filter(|e| e.instance_id == kept.id && e.action == "create_volume")
+            .count()
+    };
+    assert_eq!(creates(&cluster), 1, "host-3 should have created kept once");
+
+    // Step 2.
+    cluster.kill_agent(SAN_AGENT).await;
+    cluster.restart_agent(SAN_AGENT);
+
+    // Step 3.
+    wait_for("the leader to create kept again", Duration::from_secs(60), async || {
+        let count = creates(&cluster);
+        let report = drift(zone).await.map_err(|s| format!("ZoneDrift failed: {s:?}"))?;
+        let on_host: Vec<_> = report.items.iter().filter(|i| i.host == SAN_AGENT).collect();
+        if count >= 2 && on_host.is_empty() && !report.unreported.contains(&SAN_AGENT.to_string()) {
+            Ok(())
+        } else {
+            Err(format!("{count} creates; drift {report:?}"))
+        }
+    })
+    .await;
+}
+
 /// Lists the (host, kind, name, problem) of every drift item.
 fn drift_keys(report: &ZoneDriftReply) -> Vec<(String, String, String, String)> {
     report
