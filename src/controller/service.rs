@@ -470,7 +470,11 @@ impl zone_server::Zone for ZoneService {
             .host(&host_id)?
             .ok_or_else(|| ApiError::from(crate::zone::command::Rejection::UnknownHost(host_id.clone())))?;
         let mut client = self.agent_client(&host.agent_endpoint)?;
-        let reply = client.list_domains(ListDomainsRequest {}).await.map_err(|status| {
+        // Shorter than a client's own deadline, so a silent agent gets a
+        // HOST_UNREACHABLE that names it rather than the client's timeout.
+        let mut list = Request::new(ListDomainsRequest {});
+        list.set_timeout(Duration::from_secs(3));
+        let reply = client.list_domains(list).await.map_err(|status| {
             ApiError::HostUnreachable {
                 host: host.id.clone(),
                 endpoint: host.agent_endpoint.clone(),
