@@ -97,9 +97,9 @@ pub struct ControllerConfig {
     /// Log as JSON lines instead of text. Default false.
     #[serde(default)]
     pub log_json: bool,
-    /// How the leader powers off a suspect host before it restarts the
-    /// host's SAN instances elsewhere. Default: no fencing driver, so nothing
-    /// restarts elsewhere.
+    /// Settings of the driver that powers off a suspect host before the
+    /// leader restarts the host's SAN instances elsewhere. Default: no
+    /// fencing driver, so nothing restarts elsewhere.
     #[serde(default)]
     pub fencing: FencingConfig,
     /// Switches that break safety on purpose, so that verification runs can
@@ -112,11 +112,12 @@ pub struct ControllerConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FencingConfig {
-    /// "none": never fence, so a silent host's instances wait for it;
-    /// "command": run `command` with the host id as its last argument, where
-    /// exit status 0 means the host is powered off (a wrapper around IPMI or
-    /// Redfish); "test": append the fence to `record_file` and report
-    /// success, for clouds on libvirt's test driver. Default "none".
+    /// The driver. "none" never fences, so a silent host's instances wait
+    /// for it. "command" runs `command` with the host id as its last
+    /// argument, and exit status 0 means the host is powered off (a wrapper
+    /// around IPMI or Redfish). "test" appends the fence to `record_file`
+    /// and reports success, for clouds on libvirt's test driver. Default
+    /// "none".
     pub driver: String,
     /// Program and arguments of the "command" driver.
     pub command: Vec<String>,

@@ -187,7 +187,7 @@ pub struct HostLiveness {
     pub last_heartbeat: Instant,
     /// Instance ids reported missing by consecutive heartbeats.
     pub absent: BTreeMap<String, u32>,
-    /// What the host's latest heartbeat reported; `None` until one arrives.
+    /// The host's latest heartbeat report; `None` until one arrives.
     pub report: Option<HostReport>,
 }
 
