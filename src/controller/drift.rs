@@ -5,6 +5,9 @@
 //! the volumes of its ccs pools and its ccs networks) with the state. It
 //! reads no agent directly, so a check costs no RPC; a report is as fresh as
 //! the host's heartbeat period.
+//!
+//! NOTE: a report sent before a change can show a new volume or instance as
+//! missing for up to one heartbeat period.
 
 use std::collections::{BTreeMap, BTreeSet};
 

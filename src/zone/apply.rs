@@ -862,7 +862,7 @@ pub(super) fn remove_instance(txn: &mut Txn, instance: &Instance) -> Result<(), 
     for volume_id in devices.volumes.iter().chain(&devices.detaching) {
         volumes::detach_from(txn, volume_id)?;
     }
-    for nic in &devices.nics {
+    for nic in devices.nics.iter().chain(&devices.detaching_nics) {
         nics::release_lease(txn, nic)?;
     }
     txn.delete(CF_DEVICES, instance.id.as_bytes());
@@ -1337,7 +1337,13 @@ mod tests {
         let in_use = one(&mut harness, Command::DeleteNetwork { name: "tiny".into() });
         assert!(matches!(in_use, CommandResult::Rejected(Rejection::NetworkInUse { .. })), "{in_use:?}");
         let detached = one(&mut harness, Command::DetachNic { instance_id: "id-i1".into(), network: "tiny".into() });
-        assert!(matches!(detached, CommandResult::Devices(..)), "{detached:?}");
+        let CommandResult::Devices(i1, _) = detached else {
+            panic!("expected the detach to apply, got {detached:?}");
+        };
+        // The address stays leased until i1's host confirms the detach.
+        let early = instance_on(&mut harness, "i6", "das", "d1", &[], &["tiny"]);
+        assert!(matches!(early, CommandResult::Rejected(Rejection::SubnetExhausted { .. })), "{early:?}");
+        confirm_start(&mut harness, &i1);
         let CommandResult::Devices(_, devices) = one(&mut harness, Command::AttachNic { instance_id: "id-i1".into(), network: "tiny".into() }) else {
             panic!("expected the NIC to attach");
         };

@@ -353,7 +353,7 @@ pub enum Rejection {
     #[error("network {network:?} has no free address left in {cidr}; detach NICs or use a larger subnet")]
     SubnetExhausted { network: String, cidr: String },
     #[error(
-        "network {network:?} still has NICs of instances {}; detach them first",
+        "network {network:?} still has NICs, held by instances: {}; detach them first",
         .instances.join(", ")
     )]
     NetworkInUse {

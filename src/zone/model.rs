@@ -524,6 +524,9 @@ pub struct InstanceDevices {
     pub detaching: Vec<String>,
     /// The generation of the latest detach.
     pub detached_generation: u64,
+    /// NICs detached at `detached_generation` whose leases are kept until
+    /// the host confirms them gone, so no other NIC gets their address.
+    pub detaching_nics: Vec<Nic>,
 }
 
 /// A migration in progress: capacity is held on both hosts until the

@@ -287,7 +287,7 @@ pub fn evacuate_instance(txn: &mut Txn, index: u64, instance_id: &str, to: &str)
     txn.put(CF_INSTANCES, instance_id.as_bytes(), &instance)?;
     // The fenced host's domain can no longer use the volumes being detached.
     let mut devices = devices_of(txn, instance_id)?;
-    if !devices.detaching.is_empty() {
+    if !devices.detaching.is_empty() || !devices.detaching_nics.is_empty() {
         finish_detaches(txn, &mut devices, u64::MAX)?;
         txn.put(CF_DEVICES, instance_id.as_bytes(), &devices)?;
     }

@@ -167,9 +167,13 @@ pub fn detach_nic(txn: &mut Txn, instance_id: &str, network: &str) -> Result<Com
             network: network.to_string(),
         });
     };
+    // The lease is kept until the host confirms a definition without the
+    // NIC, so the address cannot reach another instance while the domain
+    // may still use it.
     let nic = devices.nics.remove(position);
-    release_lease(txn, &nic)?;
     instance.generation += 1;
+    devices.detaching_nics.push(nic);
+    devices.detached_generation = instance.generation;
     txn.put(CF_DEVICES, instance_id.as_bytes(), &devices)?;
     txn.put(CF_INSTANCES, instance_id.as_bytes(), &instance)?;
     Ok(CommandResult::Devices(instance, devices))

@@ -269,7 +269,7 @@ pub fn detach_from(txn: &mut Txn, volume_id: &str) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Frees the detaching volumes of an instance whose host confirmed its
+/// Frees the detaching volumes and NIC leases of an instance whose host confirmed its
 /// definition at `generation`, or whose old domain can no longer run
 /// (`generation` is `u64::MAX` after a fence).
 ///
@@ -277,11 +277,14 @@ pub fn detach_from(txn: &mut Txn, volume_id: &str) -> Result<(), DbError> {
 /// driver) the running domain keeps the volume until its next start, yet
 /// the volume is freed once the new definition is confirmed.
 pub fn finish_detaches(txn: &mut Txn, devices: &mut InstanceDevices, generation: u64) -> Result<(), DbError> {
-    if devices.detaching.is_empty() || generation < devices.detached_generation {
+    if generation < devices.detached_generation {
         return Ok(());
     }
     for volume_id in std::mem::take(&mut devices.detaching) {
         detach_from(txn, &volume_id)?;
+    }
+    for nic in std::mem::take(&mut devices.detaching_nics) {
+        super::nics::release_lease(txn, &nic)?;
     }
     Ok(())
 }
