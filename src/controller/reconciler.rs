@@ -73,9 +73,13 @@ pub struct Reconciler {
 
 /// Returns the action an instance's domain needs, if any, ignoring open orders.
 fn needed_action(instance: &Instance, migrating: bool, devices_behind: bool) -> Option<OrderAction> {
+    // A migration finishes first, even for a deleted instance: the domain
+    // may already be on the destination, where the destroy must then go.
+    if migrating {
+        return Some(OrderAction::Migrate);
+    }
     match instance.desired {
         DesiredState::Deleted => Some(OrderAction::Destroy),
-        DesiredState::Running if migrating => Some(OrderAction::Migrate),
         DesiredState::Running
             if instance.observed == ObservedState::Running
                 && instance.open_order.is_none()
@@ -479,7 +483,8 @@ impl Reconciler {
                     metrics::counter!("ccs_evacuations_total").increment(1);
                 }
                 CommandResult::Rejected(rejection) => {
-                    tracing::warn!(instance = %instance.name, %rejection, "evacuation refused");
+                    tracing::warn!(instance = %instance.name, %rejection, "evacuation rejected; retrying later");
+                    self.retry_after.insert(key, Instant::now() + RETRY_DELAY);
                 }
                 other => tracing::warn!(?other, "unexpected evacuation result"),
             }

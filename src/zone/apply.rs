@@ -596,11 +596,7 @@ fn register_host(txn: &mut Txn, registration: Host) -> Result<CommandResult, DbE
 fn mark_host_domains_missing(txn: &mut Txn, host_id: &str) -> Result<(), DbError> {
     // NOTE: this scans every instance; a per-host index would make it
     // proportional to the host's instances once zones hold millions.
-    let instances: Vec<Instance> = db::scan(txn.db, CF_INSTANCES)?;
-    for stored in instances {
-        let Some(mut instance) = txn.get::<Instance>(CF_INSTANCES, stored.id.as_bytes())? else {
-            continue;
-        };
+    for (_, mut instance) in txn.scan_prefix::<Instance>(CF_INSTANCES, b"")? {
         if instance.host == host_id && instance.observed != ObservedState::Pending {
             instance.observed = ObservedState::Missing;
             txn.put(CF_INSTANCES, instance.id.as_bytes(), &instance)?;
@@ -719,7 +715,18 @@ fn delete_instance(txn: &mut Txn, id: &str) -> Result<CommandResult, DbError> {
         instance.desired = DesiredState::Deleted;
         instance.generation += 1;
         txn.put(CF_INSTANCES, id.as_bytes(), &instance)?;
-        moves::abandon_move(txn, &instance)?;
+        // A migration in progress finishes before the destroy, which then
+        // goes to the host the domain ended on.
+        let fenced = txn
+            .get::<Host>(CF_HOSTS, instance.host.as_bytes())?
+            .is_some_and(|h| h.health == HostHealth::Fenced);
+        if fenced {
+            // The fenced host runs nothing, so the instance goes now; should
+            // the host return with the domain, its agent destroys it.
+            moves::abandon_move(txn, &instance)?;
+            remove_instance(txn, &instance)?;
+            moves::add_stale_copy(txn, &instance.id, &instance.host, instance.created_index)?;
+        }
     }
     Ok(CommandResult::Instance(instance))
 }
@@ -813,6 +820,10 @@ fn close_order(txn: &mut Txn, order_id: u64, outcome: &OrderOutcome) -> Result<C
         instance.open_order = None;
     }
     let current = instance.generation == entry.generation;
+    if entry.action == OrderAction::Migrate && matches!(outcome, OrderOutcome::Done { .. }) && !current {
+        // The domain is on the destination whatever changed meanwhile.
+        moves::finish_migration(txn, &mut instance)?;
+    }
     match outcome {
         OrderOutcome::Done { domain_state } if current => {
             instance.last_error = None;
@@ -828,7 +839,9 @@ fn close_order(txn: &mut Txn, order_id: u64, outcome: &OrderOutcome) -> Result<C
                 "stopped" => ObservedState::Stopped,
                 _ => ObservedState::Missing,
             };
-            if matches!(entry.action, OrderAction::Start | OrderAction::Migrate) {
+            // Only a start confirms devices: a live migration moves the
+            // source's definition as it was, so a start follows it.
+            if entry.action == OrderAction::Start {
                 let stored = txn.get::<InstanceDevices>(CF_DEVICES, instance.id.as_bytes())?;
                 if let Some(mut devices) = stored.filter(|d| d.applied_generation < entry.generation) {
                     devices.applied_generation = entry.generation;
@@ -1398,5 +1411,161 @@ mod tests {
         assert!(matches!(back, CommandResult::Rejected(Rejection::StaleCopyPending { .. })), "{back:?}");
         let s1: Host = db::get(&harness.db, CF_HOSTS, b"s1").unwrap().unwrap();
         assert_eq!(s1.instances, 0, "the evacuated instance's capacity left the fenced host");
+    }
+
+    fn san_with_pool(harness: &mut Harness) {
+        das_and_san(harness);
+        register(harness, "s3", "san");
+        one(harness, Command::RegisterSanPool { pod: "san".into(), host: "s1".into(), capacity_gib: 100 });
+    }
+
+    /// Creates a SAN instance on s1 and confirms its start.
+    fn running_san_vm(harness: &mut Harness, name: &str, volumes: &[&str]) -> Instance {
+        let created = instance_on(harness, name, "san", "s1", volumes, &[]);
+        let instance = match created {
+            CommandResult::Devices(instance, _) | CommandResult::Instance(instance) => instance,
+            other => panic!("expected the create to apply, got {other:?}"),
+        };
+        confirm_start(harness, &instance);
+        db::get(&harness.db, CF_INSTANCES, instance.id.as_bytes()).unwrap().unwrap()
+    }
+
+    /// Opens a migration order at the instance's generation and closes it done.
+    fn complete_migration(harness: &mut Harness, instance: &Instance) {
+        let leader = LeaderStamp { term: 1, node_id: 1 };
+        let opened = one(
+            harness,
+            Command::OpenOrder {
+                instance_id: instance.id.clone(),
+                action: OrderAction::Migrate,
+                generation: instance.generation,
+                leader,
+            },
+        );
+        let CommandResult::Order(entry) = opened else {
+            panic!("expected an order, got {opened:?}");
+        };
+        let done = OrderOutcome::Done { domain_state: "running".into() };
+        one(harness, Command::CloseOrder { order_id: entry.id, outcome: done });
+    }
+
+    /// A live migration moves the source's definition as it was, so it does
+    /// not confirm a detach made before it: the volume stays reserved until
+    /// a start on the destination confirms the new definition.
+    #[test]
+    fn migration_does_not_confirm_a_detach() {
+        let mut harness = Harness::new();
+        san_with_pool(&mut harness);
+        volume(&mut harness, "v", "san", None, 10);
+        make_available(&mut harness, "v");
+        let vm = running_san_vm(&mut harness, "vm", &["v"]);
+        running_san_vm(&mut harness, "other", &[]);
+        one(&mut harness, Command::DetachVolume { volume_id: "v".into() });
+        let migrated = one(&mut harness, Command::MigrateInstance { instance_id: vm.id.clone(), to: "s2".into() });
+        let CommandResult::Instance(vm) = migrated else {
+            panic!("expected the migration to start, got {migrated:?}");
+        };
+        complete_migration(&mut harness, &vm);
+
+        let early = one(&mut harness, Command::AttachVolume { volume_id: "v".into(), instance_id: "id-other".into() });
+        assert!(matches!(early, CommandResult::Rejected(Rejection::VolumeNotAvailable { .. })), "{early:?}");
+        let vm: Instance = db::get(&harness.db, CF_INSTANCES, vm.id.as_bytes()).unwrap().unwrap();
+        assert_eq!(vm.host, "s2");
+        confirm_start(&mut harness, &vm);
+        let later = one(&mut harness, Command::AttachVolume { volume_id: "v".into(), instance_id: "id-other".into() });
+        assert!(matches!(later, CommandResult::Devices(..)), "{later:?}");
+    }
+
+    /// Replicas apply the same entries in different batches; a fence must
+    /// see the instances created and deleted earlier in its own batch.
+    #[test]
+    fn fence_is_the_same_in_one_batch_or_many() {
+        let leader = LeaderStamp { term: 3, node_id: 2 };
+        let commands = vec![
+            Command::CreateInstance {
+                id: "id-x".into(),
+                name: "x".into(),
+                vcpus: 1,
+                memory_mib: 512,
+                disk_gib: 1,
+                pod: "san".into(),
+                host: "s2".into(),
+                request_id: None,
+            },
+            Command::DeleteInstance { id: "id-x".into() },
+            Command::SetHostHealth { host_id: "s2".into(), up: false },
+            Command::FenceHost { host_id: "s2".into(), leader, method: "test".into() },
+        ];
+        let mut one_by_one = Harness::new();
+        das_and_san(&mut one_by_one);
+        for command in &commands {
+            one(&mut one_by_one, command.clone());
+        }
+        let mut batched = Harness::new();
+        das_and_san(&mut batched);
+        batched.apply(&commands);
+
+        let split: Option<Instance> = db::get(&one_by_one.db, CF_INSTANCES, b"id-x").unwrap();
+        let whole: Option<Instance> = db::get(&batched.db, CF_INSTANCES, b"id-x").unwrap();
+        assert_eq!(split, None, "the fence removes an instance deleted before it");
+        assert_eq!(whole, None, "the same in one batch");
+        let split_host: Host = db::get(&one_by_one.db, CF_HOSTS, b"s2").unwrap().unwrap();
+        let whole_host: Host = db::get(&batched.db, CF_HOSTS, b"s2").unwrap().unwrap();
+        assert_eq!(split_host, whole_host);
+    }
+
+    /// The destination of a migration cut short by the source's fence may
+    /// run the domain, so no restart elsewhere happens until it is evicted.
+    #[test]
+    fn evacuation_waits_for_live_stale_copies() {
+        let mut harness = Harness::new();
+        san_with_pool(&mut harness);
+        let vm = running_san_vm(&mut harness, "vm", &[]);
+        let migrated = one(&mut harness, Command::MigrateInstance { instance_id: vm.id.clone(), to: "s2".into() });
+        let CommandResult::Instance(vm) = migrated else {
+            panic!("expected the migration to start, got {migrated:?}");
+        };
+        let leader = LeaderStamp { term: 1, node_id: 1 };
+        let opened = one(
+            &mut harness,
+            Command::OpenOrder { instance_id: vm.id.clone(), action: OrderAction::Migrate, generation: vm.generation, leader },
+        );
+        assert!(matches!(opened, CommandResult::Order(_)), "{opened:?}");
+        one(&mut harness, Command::SetHostHealth { host_id: "s1".into(), up: false });
+        one(&mut harness, Command::FenceHost { host_id: "s1".into(), leader, method: "test".into() });
+
+        let evacuate = Command::EvacuateInstance { instance_id: vm.id.clone(), to: "s3".into() };
+        let early = one(&mut harness, evacuate.clone());
+        assert!(matches!(early, CommandResult::Rejected(Rejection::StaleCopyPending { .. })), "{early:?}");
+        let evict = one(&mut harness, Command::OpenEvictOrder { instance_id: vm.id.clone(), host: "s2".into(), leader });
+        let CommandResult::Order(entry) = evict else {
+            panic!("expected an evict order, got {evict:?}");
+        };
+        let done = OrderOutcome::Done { domain_state: "absent".into() };
+        one(&mut harness, Command::CloseOrder { order_id: entry.id, outcome: done });
+        let later = one(&mut harness, evacuate);
+        assert!(matches!(later, CommandResult::Devices(..)), "{later:?}");
+    }
+
+    /// An instance deleted after its host was fenced goes at once, with its
+    /// volumes; its host, should it return, destroys the domain.
+    #[test]
+    fn delete_on_fenced_host_removes_instance() {
+        let mut harness = Harness::new();
+        san_with_pool(&mut harness);
+        volume(&mut harness, "v", "san", None, 10);
+        make_available(&mut harness, "v");
+        let vm = running_san_vm(&mut harness, "vm", &["v"]);
+        let leader = LeaderStamp { term: 1, node_id: 1 };
+        one(&mut harness, Command::SetHostHealth { host_id: "s1".into(), up: false });
+        one(&mut harness, Command::FenceHost { host_id: "s1".into(), leader, method: "test".into() });
+        one(&mut harness, Command::DeleteInstance { id: vm.id.clone() });
+
+        let gone: Option<Instance> = db::get(&harness.db, CF_INSTANCES, vm.id.as_bytes()).unwrap();
+        assert_eq!(gone, None);
+        let copy: Option<StaleCopy> = db::get(&harness.db, CF_STALE_COPIES, &moves::stale_key("s1", &vm.id)).unwrap();
+        assert!(copy.is_some(), "the returning host must destroy the domain");
+        let deleted = one(&mut harness, Command::DeleteVolume { id: "v".into() });
+        assert!(matches!(deleted, CommandResult::Volume(_)), "{deleted:?}");
     }
 }

@@ -151,7 +151,7 @@ pub fn abandon_move(txn: &mut Txn, instance: &Instance) -> Result<(), DbError> {
     Ok(())
 }
 
-fn add_stale_copy(txn: &mut Txn, instance_id: &str, host: &str, moved_index: u64) -> Result<(), DbError> {
+pub fn add_stale_copy(txn: &mut Txn, instance_id: &str, host: &str, moved_index: u64) -> Result<(), DbError> {
     let copy = StaleCopy {
         instance_id: instance_id.to_string(),
         host: host.to_string(),
@@ -202,11 +202,9 @@ pub fn fence_host(
 
     // NOTE: this scans every instance and every move; per-host indexes would
     // make it proportional to the host's share once zones are large.
-    let instances: Vec<Instance> = db::scan(txn.db, CF_INSTANCES)?;
-    for stored in instances {
-        let Some(mut instance) = txn.get::<Instance>(CF_INSTANCES, stored.id.as_bytes())? else {
-            continue;
-        };
+    // Through the transaction's view: commands earlier in this batch count.
+    let instances = txn.scan_prefix::<Instance>(CF_INSTANCES, b"")?;
+    for (_, mut instance) in instances {
         let migration = txn.get::<Move>(CF_MOVES, instance.id.as_bytes())?;
         if let Some(migration) = &migration {
             if migration.to == host_id || migration.from == host_id {
@@ -267,6 +265,17 @@ pub fn evacuate_instance(txn: &mut Txn, index: u64, instance_id: &str, to: &str)
         Ok(host) => host,
         Err(rejection) => return reject(rejection),
     };
+    // A host that takes orders and holds a stale copy (the destination of
+    // an abandoned migration) may run the domain: evict it first.
+    for (_, host) in txn.scan_prefix::<Host>(CF_HOSTS, b"")? {
+        let stale = txn.get::<StaleCopy>(CF_STALE_COPIES, &stale_key(&host.id, &instance.id))?;
+        if stale.is_some() && host.health.takes_orders() {
+            return reject(Rejection::StaleCopyPending {
+                instance: instance.name,
+                host: host.id,
+            });
+        }
+    }
     // An order still open on the fenced host will never complete there.
     if let Some(open) = instance.open_order.take() {
         if let Some(mut entry) = txn.get::<JournalEntry>(CF_JOURNAL, &db::index_key(open))? {
