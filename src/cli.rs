@@ -155,7 +155,7 @@ pub enum VolumeCommand {
         /// Default: the host of the pod with the most free disk.
         #[arg(long)]
         host: Option<String>,
-        /// Wait until the pool holds the volume and it is available.
+        /// Wait until the pool contains the volume and it is available.
         #[arg(long)]
         wait: bool,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
@@ -186,7 +186,7 @@ pub enum VolumeCommand {
     /// Delete a detached volume and free its space.
     Delete {
         volume: String,
-        /// Wait until the pool no longer holds the volume.
+        /// Wait until the pool no longer contains the volume.
         #[arg(long)]
         wait: bool,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
@@ -851,38 +851,57 @@ fn describe_progress(instance: &Instance) -> String {
 
 /// Polls an instance until `done` accepts it (`None`: the instance is gone),
 /// for up to `WAIT_TIMEOUT`.
-/// Polls a volume until `done` holds for it (`None`: it is gone), and
+/// Reads a record every 200 ms until `done` is true for it (`None`: not
+/// found), and fails with `timed_out`'s message about the last read once
+/// WAIT_TIMEOUT has passed.
+async fn poll_until<T, Fetch, Fut>(
+    mut fetch: Fetch,
+    done: impl Fn(Option<&T>) -> bool,
+    timed_out: impl Fn(Option<&T>) -> String,
+) -> Result<Option<T>, CallError>
+where
+    Fetch: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>, CallError>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
+    loop {
+        let record = match fetch().await {
+            Ok(record) => record,
+            Err(CallError(status)) if status.code() == tonic::Code::NotFound => None,
+            Err(error) => return Err(error),
+        };
+        if done(record.as_ref()) {
+            return Ok(record);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(CallError(tonic::Status::deadline_exceeded(timed_out(record.as_ref()))));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Polls a volume until `done` is true for it (`None`: it is gone), and
 /// fails naming its last state and error when the wait times out.
 async fn wait_for_volume<F>(connector: &ZoneConnector, id: &str, done: F) -> Result<Option<Volume>, CallError>
 where
     F: Fn(Option<&Volume>) -> bool,
 {
-    let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
-    loop {
+    let fetch = || async {
         let request = GetVolumeRequest {
             name: id.to_string(),
             stale: false,
         };
-        let found = call(connector, request, |mut c, r| async move { c.get_volume(r).await });
-        let volume = match found.await {
-            Ok(reply) => reply.volume,
-            Err(CallError(status)) if status.code() == tonic::Code::NotFound => None,
-            Err(error) => return Err(error),
-        };
-        if done(volume.as_ref()) {
-            return Ok(volume);
-        }
-        if tokio::time::Instant::now() > deadline {
-            let last_seen = volume.as_ref().map_or("gone".to_string(), |v| {
-                let error = if v.last_error.is_empty() { String::new() } else { format!(", last error: {}", v.last_error) };
-                format!("{} on host {}{error}", v.state, v.host)
-            });
-            return Err(CallError(tonic::Status::deadline_exceeded(format!(
-                "volume {id:?} did not reach the awaited state within {WAIT_TIMEOUT:?}; it is {last_seen}"
-            ))));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+        let reply = call(connector, request, |mut c, r| async move { c.get_volume(r).await }).await?;
+        Ok(reply.volume)
+    };
+    let timed_out = |volume: Option<&Volume>| {
+        let last_seen = volume.map_or("gone".to_string(), |v| {
+            let error = if v.last_error.is_empty() { String::new() } else { format!(", last error: {}", v.last_error) };
+            format!("{} on host {}{error}", v.state, v.host)
+        });
+        format!("volume {id:?} did not reach the awaited state within {WAIT_TIMEOUT:?}; it is {last_seen}")
+    };
+    poll_until(fetch, done, timed_out).await
 }
 
 async fn wait_for<F>(
@@ -893,34 +912,22 @@ async fn wait_for<F>(
 where
     F: Fn(Option<&Instance>) -> bool,
 {
-    let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
-    loop {
+    let fetch = || async {
         let request = GetInstanceRequest {
             name: name.to_string(),
             stale: false,
         };
-        let found = call(connector, request, |mut c, r| async move {
-            c.get_instance(r).await
-        });
-        let instance = match found.await {
-            Ok(reply) => reply.instance,
-            Err(CallError(status)) if status.code() == tonic::Code::NotFound => None,
-            Err(error) => return Err(error),
-        };
-        if done(instance.as_ref()) {
-            return Ok(instance);
-        }
-        if tokio::time::Instant::now() > deadline {
-            let last_seen = instance
-                .as_ref()
-                .map_or("gone".to_string(), describe_progress);
-            return Err(CallError(tonic::Status::deadline_exceeded(format!(
-                "instance {name:?} did not reach the awaited state within {WAIT_TIMEOUT:?}; \
-                 last seen: {last_seen}; see `ccs instance show {name}`"
-            ))));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        let reply = call(connector, request, |mut c, r| async move { c.get_instance(r).await }).await?;
+        Ok(reply.instance)
+    };
+    let timed_out = |instance: Option<&Instance>| {
+        let last_seen = instance.map_or("gone".to_string(), describe_progress);
+        format!(
+            "instance {name:?} did not reach the awaited state within {WAIT_TIMEOUT:?}; \
+             last seen: {last_seen}; see `ccs instance show {name}`"
+        )
+    };
+    poll_until(fetch, done, timed_out).await
 }
 
 pub async fn instance(

@@ -340,6 +340,21 @@ fn is_code(error: &virt::error::Error, code: ErrorNumber) -> bool {
     error.code() == code.into()
 }
 
+/// Turns a libvirt lookup's result into `None` when libvirt reports the
+/// object missing with `missing`, and into an error naming `operation`
+/// otherwise.
+fn found<T>(
+    result: Result<T, virt::error::Error>,
+    missing: ErrorNumber,
+    operation: &'static str,
+) -> Result<Option<T>, HypervisorError> {
+    match result {
+        Ok(object) => Ok(Some(object)),
+        Err(e) if is_code(&e, missing) => Ok(None),
+        Err(e) => Err(libvirt_error(operation)(e)),
+    }
+}
+
 /// Returns whether `uri` names libvirt's test driver.
 fn is_test_uri(uri: &str) -> bool {
     uri.starts_with("test:")
@@ -369,11 +384,7 @@ impl Libvirt {
     }
 
     fn lookup(connection: &Connect, uuid: &str) -> Result<Option<Domain>, HypervisorError> {
-        match connection.lookup_domain_by_uuid_string(uuid) {
-            Ok(domain) => Ok(Some(domain)),
-            Err(e) if is_code(&e, ErrorNumber::NoDomain) => Ok(None),
-            Err(e) => Err(libvirt_error("lookup domain")(e)),
-        }
+        found(connection.lookup_domain_by_uuid_string(uuid), ErrorNumber::NoDomain, "lookup domain")
     }
 
     fn run_state(domain: &Domain) -> Result<DomainRunState, HypervisorError> {
@@ -515,11 +526,7 @@ impl Libvirt {
         pool: &StoragePool,
         volume_id: &str,
     ) -> Result<Option<StorageVol>, HypervisorError> {
-        match pool.lookup_storage_vol_by_name(volume_id) {
-            Ok(volume) => Ok(Some(volume)),
-            Err(e) if is_code(&e, ErrorNumber::NoStorageVolume) => Ok(None),
-            Err(e) => Err(libvirt_error("lookup volume")(e)),
-        }
+        found(pool.lookup_storage_vol_by_name(volume_id), ErrorNumber::NoStorageVolume, "lookup volume")
     }
 
     /// Returns the UUID of a domain whose running or persistent definition
@@ -586,11 +593,7 @@ impl Libvirt {
         connection: &Connect,
         name: &str,
     ) -> Result<Option<Network>, HypervisorError> {
-        match connection.lookup_network_by_name(name) {
-            Ok(network) => Ok(Some(network)),
-            Err(e) if is_code(&e, ErrorNumber::NoNetwork) => Ok(None),
-            Err(e) => Err(libvirt_error("lookup network")(e)),
-        }
+        found(connection.lookup_network_by_name(name), ErrorNumber::NoNetwork, "lookup network")
     }
 
     fn define_network(
