@@ -38,8 +38,8 @@ fn leader_hint(status: &tonic::Status) -> Option<String> {
 
 /// Returns whether another controller may serve a call that this one failed.
 fn try_elsewhere(status: &tonic::Status) -> bool {
-    // A host that does not answer the leader is not fixed by asking another
-    // controller: the leader would ask the same host.
+    // Another controller cannot help with a host that does not respond to
+    // the leader, because the leader would call the same host.
     if reason(status) == Some("HOST_UNREACHABLE") {
         return false;
     }

@@ -255,7 +255,7 @@ async fn volume_lifecycle_das_and_san() {
 ///    HostDomains lists the domain running on the destination and not on
 ///    the source.
 /// 3. Migrate another instance to san-3's host by name, with the same
-///    checks: that host now holds two instances.
+///    checks: that host now has two instances.
 /// 4. Drain that host: the reply says "draining" and lists both; both end
 ///    running on other hosts, which HostDomains confirms, and the host
 ///    stays "draining".
@@ -1337,7 +1337,7 @@ async fn list_networks(zone: &ZoneConnector) -> Vec<Network> {
     .networks
 }
 
-/// Creates a volume and waits until its pool holds it ("available").
+/// Creates a volume and waits until its pool contains it ("available").
 /// `host` is empty for a SAN volume.
 async fn create_available_volume(
     zone: &ZoneConnector,

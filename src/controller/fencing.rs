@@ -201,7 +201,8 @@ mod tests {
 
         let failing = driver(&config("command", &["sh", "-c", "echo no BMC >&2; exit 3"], None)).unwrap();
         let error = failing.fence(&host()).await.unwrap_err().to_string();
-        assert!(error.contains("host-7") && error.contains("no BMC"), "{error}");
+        assert!(error.contains("host-7"), "{error}");
+        assert!(error.contains("no BMC"), "{error}");
     }
 
     #[tokio::test]

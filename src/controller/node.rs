@@ -190,7 +190,7 @@ impl Node {
         Ok(db::get(&self.db, db::CF_SAN_POOLS, pod.as_bytes())?)
     }
 
-    /// An instance's devices; none when it has no record.
+    /// Returns an instance's devices, or none when it has no record.
     pub fn devices(&self, instance_id: &str) -> Result<InstanceDevices, ApiError> {
         let stored: Option<InstanceDevices> = db::get(&self.db, db::CF_DEVICES, instance_id.as_bytes())?;
         Ok(stored.unwrap_or_default())

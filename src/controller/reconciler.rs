@@ -91,7 +91,7 @@ fn needed_action(instance: &Instance, migrating: bool, devices_behind: bool) -> 
     }
 }
 
-/// What the reconciler does for one subject.
+/// The reconciler's work for one subject.
 enum Work {
     /// Journal a new order with this command, superseding any order an
     /// older leader left open.
@@ -249,9 +249,8 @@ impl Reconciler {
                 None => None,
             };
             // A pool that lost a volume (a host whose storage was rebuilt, or
-            // an agent restart under the test driver) gets it created again;
-            // the create is idempotent, and it is tried at most every
-            // RECREATE_DELAY.
+            // an agent restart under the test driver) gets it created again.
+            // The create is idempotent and is tried at most every RECREATE_DELAY.
             let recreate_key = format!("recreate:{}", volume.id);
             if volume.state == VolumeState::Creating || self.volumes_seen.insert(volume.id.clone()) {
                 // Heartbeats sent before the create may lack the volume.
@@ -494,7 +493,7 @@ impl Reconciler {
 
     /// Removes deleting networks that no host reports any more, which frees
     /// their segmentation ids. Every host of the pod must have reported
-    /// since this leader saw the network deleting; a host that is not
+    /// since this leader saw the network deleting. A host that is not
     /// taking orders keeps the id reserved until it reports again.
     async fn release_networks(&mut self) -> Result<(), super::error::ApiError> {
         let node = self.zone.node.clone();
@@ -552,7 +551,7 @@ impl Reconciler {
 
 /// Powers a suspect host off through the driver and commits the fence.
 async fn fence(zone: &Zone, stamp: LeaderStamp, driver: &dyn FenceDriver, host: &Host) {
-    // The host may have answered again while the fence waited its turn.
+    // The host may have sent a heartbeat while the fence waited its turn.
     match zone.node.host(&host.id) {
         Ok(Some(current)) if current.health == HostHealth::Suspect => {}
         _ => return,

@@ -190,7 +190,7 @@ impl Zone {
         self.device_change(command).await
     }
 
-    /// Proposes a device change and says how it reaches the domain.
+    /// Proposes a device change and reports when it reaches the domain.
     async fn device_change(&self, command: Command) -> Result<DeviceChange, ApiError> {
         let (instance, devices) = match self.node.propose(command).await? {
             CommandResult::Devices(instance, devices) => (instance, devices),

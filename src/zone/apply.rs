@@ -1201,38 +1201,40 @@ mod tests {
         )
     }
 
-    /// Completes a volume's create order, as the reconciler does.
-    fn make_available(harness: &mut Harness, id: &str) {
-        let leader = LeaderStamp { term: 1, node_id: 1 };
-        let opened = one(
-            harness,
-            Command::OpenVolumeOrder { volume_id: id.to_string(), action: OrderAction::CreateVolume, leader },
-        );
+    /// The leader stamp of the orders the tests open.
+    const LEADER: LeaderStamp = LeaderStamp { term: 1, node_id: 1 };
+
+    /// Applies `open` and closes the order it opens as done, as the
+    /// reconciler does when the agent executes it.
+    fn complete_order(harness: &mut Harness, open: Command, domain_state: &str) {
+        let opened = one(harness, open);
         let CommandResult::Order(entry) = opened else {
             panic!("expected an order, got {opened:?}");
         };
-        let done = OrderOutcome::Done { domain_state: String::new() };
+        let done = OrderOutcome::Done { domain_state: domain_state.to_string() };
         one(harness, Command::CloseOrder { order_id: entry.id, outcome: done });
     }
 
-    /// Opens and completes a start order at the instance's generation, as
-    /// the reconciler does when the host confirms its definition.
-    fn confirm_start(harness: &mut Harness, instance: &Instance) {
-        let leader = LeaderStamp { term: 1, node_id: 1 };
-        let opened = one(
-            harness,
-            Command::OpenOrder {
-                instance_id: instance.id.clone(),
-                action: OrderAction::Start,
-                generation: instance.generation,
-                leader,
-            },
-        );
-        let CommandResult::Order(entry) = opened else {
-            panic!("expected an order, got {opened:?}");
+    /// Completes a volume's create order.
+    fn make_available(harness: &mut Harness, id: &str) {
+        let open = Command::OpenVolumeOrder { volume_id: id.to_string(), action: OrderAction::CreateVolume, leader: LEADER };
+        complete_order(harness, open, "");
+    }
+
+    /// Opens and completes an order for an instance at its generation.
+    fn complete_instance_order(harness: &mut Harness, instance: &Instance, action: OrderAction) {
+        let open = Command::OpenOrder {
+            instance_id: instance.id.clone(),
+            action,
+            generation: instance.generation,
+            leader: LEADER,
         };
-        let done = OrderOutcome::Done { domain_state: "running".into() };
-        one(harness, Command::CloseOrder { order_id: entry.id, outcome: done });
+        complete_order(harness, open, "running");
+    }
+
+    /// Completes a start order, as when the host confirms the definition.
+    fn confirm_start(harness: &mut Harness, instance: &Instance) {
+        complete_instance_order(harness, instance, OrderAction::Start);
     }
 
     fn das_and_san(harness: &mut Harness) {
@@ -1250,7 +1252,7 @@ mod tests {
     }
 
     #[test]
-    fn das_volumes_stay_on_their_host_and_san_volumes_move() {
+    fn volumes_attach_by_pool_type() {
         let mut harness = Harness::new();
         das_and_san(&mut harness);
         assert!(matches!(volume(&mut harness, "v-das", "das", Some("d1"), 10), CommandResult::Volume(_)));
@@ -1293,7 +1295,7 @@ mod tests {
             panic!("expected the detach to apply, got {detached:?}");
         };
         // Until s1's agent confirms a definition without the volume, the
-        // running domain may still write it, so nobody else gets it.
+        // running domain may still write it, so no other instance can attach it.
         let early = one(&mut harness, Command::AttachVolume { volume_id: "v-san".into(), instance_id: "id-on-s2".into() });
         assert!(matches!(early, CommandResult::Rejected(Rejection::VolumeNotAvailable { .. })), "{early:?}");
         let deleted = one(&mut harness, Command::DeleteVolume { id: "v-san".into() });
@@ -1332,7 +1334,7 @@ mod tests {
     }
 
     #[test]
-    fn leases_take_the_lowest_free_address_until_the_subnet_is_full() {
+    fn leases_take_lowest_free_address() {
         let mut harness = Harness::new();
         das_and_san(&mut harness);
         // A /29 has 6 host addresses; the first is the gateway's.
@@ -1374,7 +1376,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_committed_fence_lets_san_instances_restart_elsewhere() {
+    fn evacuation_requires_committed_fence() {
         let mut harness = Harness::new();
         das_and_san(&mut harness);
         instance_on(&mut harness, "san-vm", "san", "s1", &[], &[]);
@@ -1430,25 +1432,6 @@ mod tests {
         db::get(&harness.db, CF_INSTANCES, instance.id.as_bytes()).unwrap().unwrap()
     }
 
-    /// Opens a migration order at the instance's generation and closes it done.
-    fn complete_migration(harness: &mut Harness, instance: &Instance) {
-        let leader = LeaderStamp { term: 1, node_id: 1 };
-        let opened = one(
-            harness,
-            Command::OpenOrder {
-                instance_id: instance.id.clone(),
-                action: OrderAction::Migrate,
-                generation: instance.generation,
-                leader,
-            },
-        );
-        let CommandResult::Order(entry) = opened else {
-            panic!("expected an order, got {opened:?}");
-        };
-        let done = OrderOutcome::Done { domain_state: "running".into() };
-        one(harness, Command::CloseOrder { order_id: entry.id, outcome: done });
-    }
-
     /// A live migration moves the source's definition as it was, so it does
     /// not confirm a detach made before it: the volume stays reserved until
     /// a start on the destination confirms the new definition.
@@ -1465,7 +1448,7 @@ mod tests {
         let CommandResult::Instance(vm) = migrated else {
             panic!("expected the migration to start, got {migrated:?}");
         };
-        complete_migration(&mut harness, &vm);
+        complete_instance_order(&mut harness, &vm, OrderAction::Migrate);
 
         let early = one(&mut harness, Command::AttachVolume { volume_id: "v".into(), instance_id: "id-other".into() });
         assert!(matches!(early, CommandResult::Rejected(Rejection::VolumeNotAvailable { .. })), "{early:?}");
@@ -1479,7 +1462,7 @@ mod tests {
     /// Replicas apply the same entries in different batches; a fence must
     /// see the instances created and deleted earlier in its own batch.
     #[test]
-    fn fence_is_the_same_in_one_batch_or_many() {
+    fn fence_same_in_any_batching() {
         let leader = LeaderStamp { term: 3, node_id: 2 };
         let commands = vec![
             Command::CreateInstance {
@@ -1537,12 +1520,8 @@ mod tests {
         let evacuate = Command::EvacuateInstance { instance_id: vm.id.clone(), to: "s3".into() };
         let early = one(&mut harness, evacuate.clone());
         assert!(matches!(early, CommandResult::Rejected(Rejection::StaleCopyPending { .. })), "{early:?}");
-        let evict = one(&mut harness, Command::OpenEvictOrder { instance_id: vm.id.clone(), host: "s2".into(), leader });
-        let CommandResult::Order(entry) = evict else {
-            panic!("expected an evict order, got {evict:?}");
-        };
-        let done = OrderOutcome::Done { domain_state: "absent".into() };
-        one(&mut harness, Command::CloseOrder { order_id: entry.id, outcome: done });
+        let evict = Command::OpenEvictOrder { instance_id: vm.id.clone(), host: "s2".into(), leader };
+        complete_order(&mut harness, evict, "absent");
         let later = one(&mut harness, evacuate);
         assert!(matches!(later, CommandResult::Devices(..)), "{later:?}");
     }

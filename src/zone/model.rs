@@ -428,7 +428,7 @@ pub struct KeyValue {
     pub modified_index: u64,
 }
 
-/// Where a volume lives.
+/// The storage pool a volume lives in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VolumePool {
     /// The local pool of one host of a DAS pod.
@@ -477,7 +477,7 @@ pub struct Volume {
     pub name: String,
     pub pod: String,
     pub pool: VolumePool,
-    /// The host whose pool holds the volume: the DAS host, or the SAN agent.
+    /// The host whose pool contains the volume: the DAS host, or the SAN agent.
     pub host: String,
     pub size_gib: u64,
     /// The instance the volume is attached to.

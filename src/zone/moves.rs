@@ -265,7 +265,7 @@ pub fn evacuate_instance(txn: &mut Txn, index: u64, instance_id: &str, to: &str)
         Ok(host) => host,
         Err(rejection) => return reject(rejection),
     };
-    // A host that takes orders and holds a stale copy (the destination of
+    // A host that takes orders and has a stale copy (the destination of
     // an abandoned migration) may run the domain: evict it first.
     for (_, host) in txn.scan_prefix::<Host>(CF_HOSTS, b"")? {
         let stale = txn.get::<StaleCopy>(CF_STALE_COPIES, &stale_key(&host.id, &instance.id))?;
